@@ -1,0 +1,35 @@
+# loopstack: `make quickstart` runs the main job on CPU, `make test` runs the suite.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+TORCH   := torch==2.13.0
+STAMP   := $(VENV)/.installed
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: install quickstart test lint bench clean
+
+install: $(STAMP)
+
+# torch first, pinned (a local CPU wheel here, a CUDA build on GPU boxes), then the project with a
+# constraint that keeps pip from replacing it with a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q $(TORCH)
+	echo "$(TORCH)" > $(VENV)/constraints.txt
+	$(BIN)/pip install -q -c $(VENV)/constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+quickstart: install
+	$(BIN)/python -m pretrain.quickstart
+
+lint: install
+	$(BIN)/ruff check loopstack pretrain data_pipeline launch tests benchmarks
+
+test: install lint
+	$(BIN)/python -m pytest -q tests
+
+bench: install
+	$(BIN)/python -m benchmarks.run
+
+clean:
+	rm -rf runs/quickstart .pytest_cache

@@ -1,0 +1,1 @@
+"""Data pipeline: tokenizers, Arrow shards, packed resumable loader. Never imports torch.distributed."""

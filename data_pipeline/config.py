@@ -1,0 +1,43 @@
+"""Config sections owned by the data pipeline: `tokenizer` and `data`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from loopstack.errors import ConfigError
+from loopstack.typed_config import param
+
+
+@dataclass
+class TokenizerConfig:
+    """How `loopstack data train-tokenizer` trains a sentencepiece model (and where runs find it)."""
+
+    dir: str = param("data/tokenizer", help="directory holding tokenizer.model + tokenizer.json")
+    model_type: Literal["bpe", "unigram"] = param("bpe", help="sentencepiece algorithm")
+    vocab_size: int = param(8192, min=64, max=1 << 20, help="vocabulary size incl. special tokens")
+    max_sentences: int = param(2_000_000, min=1, help="cap on sentences sampled for training")
+    byte_fallback: bool = param(True, help="unknown characters fall back to bytes")
+    split_digits: bool = param(True, help="each digit its own piece")
+
+
+@dataclass
+class DataConfig:
+    """Sources to tokenize, shards to write, and what the training loader reads."""
+
+    sources: list[str] = param([], help="files, folders or globs; 'stdlib' is the embedded corpus")
+    text_field: str = param("text", help="field holding the text in jsonl/parquet/datasets")
+    out: str = param("data/shards", help="output directory of `data prepare`")
+    workers: int = param(0, min=0, help="tokenizer processes; 0 = all cores")
+    shard_mb: float = param(64.0, min=0.001, help="upper bound on a shard's size")
+    train: list[str] = param([], help="manifest directories the trainer reads (default: [out])")
+    weights: list[float] = param([], help="mixture weights, one per train directory")
+    eval: list[str] = param([], help="held-out manifest directories for eval")
+    eval_fraction: float = param(0.01, min=0.0, max=0.5,
+                                 help="fraction of sequences held out when no eval dirs are given")
+    seq_len: int = param(256, min=8, help="tokens per training sequence")
+    document_masking: bool = param(False, help="attention does not cross document boundaries")
+
+    def check(self) -> None:
+        if self.weights and len(self.weights) != len(self.train):
+            raise ConfigError(f"weights: {len(self.weights)} weights for {len(self.train)} train dirs")

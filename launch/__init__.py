@@ -1,0 +1,1 @@
+"""Launchers: SLURM jobs with requeue, multi-node torchrun, data-prep arrays."""

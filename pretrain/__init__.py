@@ -1,0 +1,1 @@
+"""loopstack trainer side: configs, distributed runtime, looped models, training."""

@@ -1,0 +1,1 @@
+"""Looped transformer family built on megatron-core tensor-parallel layers."""
