@@ -12,3 +12,8 @@ class UserError(Exception):
 
 class ConfigError(UserError):
     """A config file or override that does not fit the typed config tree."""
+
+
+# Exit code of `loopstack train` after SIGUSR1/SIGTERM: the step finished, a checkpoint was written, and the
+# job wants to be requeued (EX_TEMPFAIL from sysexits.h). Launchers requeue on it; 0 means training finished.
+EXIT_REQUEUE = 75
