@@ -164,6 +164,30 @@ def seed_all(seed: int, env: DistEnv) -> None:
     _TP_RNG = TensorParallelRNG(tp_seed)
 
 
+def capture_rng_state() -> dict:
+    """Every RNG a training step may draw from on this rank, for exact resume."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+             "tp": tp_rng().get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+        from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+        state["cuda_tracker"] = get_cuda_rng_tracker().get_states()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    tp_rng().set_state(state["tp"])
+    if torch.cuda.is_available() and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+        from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+        get_cuda_rng_tracker().set_states(state["cuda_tracker"])
+
+
 def tp_rng() -> TensorParallelRNG:
     if _TP_RNG is None:
         raise RuntimeError("init_distributed() first")

@@ -1,0 +1,149 @@
+"""Checkpoints that a crash can never leave half-written, and the resume that trusts only complete ones.
+
+Layout under `<run>/checkpoints/`:
+
+    <step>/                      one complete checkpoint (DeepSpeed's files + ours)
+        mp_rank_*, zero_*        DeepSpeed model / optimizer shards (its own format)
+        trainer_state_rank<r>.pt our per-rank state: loader, RNGs, counters (every rank)
+        COMPLETE                 JSON written last: step, world layout, config, tokenizer sha256
+    latest                       text file with the newest complete step (a hint; COMPLETE decides)
+    .tmp-<step>/                 a checkpoint being written (ignored, removed on the next save)
+
+Protocol: every rank writes into `.tmp-<step>/`, barrier, rank 0 writes COMPLETE (fsync), renames the
+directory to `<step>/` (atomic on one filesystem), then rewrites `latest` (temp + rename). A kill at any
+moment leaves either no `<step>/` or a complete one; resume ignores directories without COMPLETE.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from loopstack.errors import UserError
+
+COMPLETE = "COMPLETE"
+LATEST = "latest"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class CheckpointInfo:
+    path: Path
+    step: int
+    meta: dict[str, Any]
+
+
+def read_complete(path: Path) -> dict | None:
+    """The COMPLETE record of a checkpoint directory, or None when it is missing or unreadable."""
+    try:
+        return json.loads((path / COMPLETE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def list_complete(ckpt_dir: Path) -> list[CheckpointInfo]:
+    """Complete checkpoints, oldest first."""
+    out = []
+    if not ckpt_dir.is_dir():
+        return out
+    for child in ckpt_dir.iterdir():
+        if child.is_dir() and child.name.isdigit():
+            meta = read_complete(child)
+            if meta is not None and meta.get("step") == int(child.name):
+                out.append(CheckpointInfo(child, int(child.name), meta))
+    return sorted(out, key=lambda c: c.step)
+
+
+def find_resume(run_dir: Path, resume: str) -> CheckpointInfo | None:
+    """`none` -> None; `auto` -> newest complete checkpoint of the run (None if there is none);
+    a path -> that checkpoint, which must be complete."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        found = list_complete(run_dir / "checkpoints")
+        return found[-1] if found else None
+    path = Path(resume)
+    meta = read_complete(path)
+    if meta is None:
+        raise UserError(f"--resume {resume}: not a complete checkpoint (no readable {COMPLETE} file)")
+    return CheckpointInfo(path, int(meta["step"]), meta)
+
+
+def save_checkpoint(engine, run_dir: Path, step: int, rank_state: dict, meta: dict, *, keep_last: int,
+                    keep_every: int) -> Path:
+    """Collective: every rank calls it. Returns the final checkpoint directory."""
+    ckpt_dir = run_dir / "checkpoints"
+    tmp_tag = f".tmp-{step}"
+    tmp = ckpt_dir / tmp_tag
+    rank = dist.get_rank()
+    if rank == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():  # left over by a crash during an earlier save of this step
+            shutil.rmtree(tmp)
+    dist.barrier()
+    engine.save_checkpoint(str(ckpt_dir), tag=tmp_tag, save_latest=False)
+    state_path = tmp / f"trainer_state_rank{rank}.pt"
+    torch.save(rank_state, state_path)
+    with open(state_path, "rb+") as f:
+        os.fsync(f.fileno())
+    dist.barrier()
+    final = ckpt_dir / str(step)
+    if rank == 0:
+        record = dict(meta, step=step, world_size=dist.get_world_size(), time=time.time())
+        atomic_write_text(tmp / COMPLETE, json.dumps(record, indent=1))
+        if final.exists():  # an older, complete save of the same step (a rollback re-saved it)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(ckpt_dir)
+        atomic_write_text(ckpt_dir / LATEST, f"{step}\n")
+        prune(ckpt_dir, keep_last=keep_last, keep_every=keep_every)
+    dist.barrier()
+    return final
+
+
+def prune(ckpt_dir: Path, *, keep_last: int, keep_every: int) -> None:
+    """Keep the newest `keep_last` complete checkpoints plus every step divisible by `keep_every`;
+    remove stale temporary directories."""
+    complete = list_complete(ckpt_dir)
+    keep = {c.step for c in complete[-keep_last:]}
+    if keep_every:
+        keep |= {c.step for c in complete if c.step % keep_every == 0}
+    for c in complete:
+        if c.step not in keep:
+            shutil.rmtree(c.path, ignore_errors=True)
+    for child in ckpt_dir.iterdir():
+        if child.is_dir() and child.name.startswith(".tmp-"):
+            shutil.rmtree(child, ignore_errors=True)
+
+
+def load_rank_state(info: CheckpointInfo, rank: int) -> dict:
+    path = info.path / f"trainer_state_rank{rank}.pt"
+    if not path.exists():
+        raise UserError(f"{info.path}: no trainer state for rank {rank} (saved with world size "
+                        f"{info.meta.get('world_size')})")
+    return torch.load(path, weights_only=False)

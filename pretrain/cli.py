@@ -1,0 +1,61 @@
+"""`loopstack train` and `loopstack eval` (argparse only at import time: torch loads inside the handlers)."""
+
+from __future__ import annotations
+
+import argparse
+
+from loopstack.commands import add_set_flag
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    train = sub.add_parser(
+        "train", help="train a looped model (one process, or each rank under torchrun)",
+        description="Train from a YAML config. Exit 0 when finished, 75 after a SIGUSR1/SIGTERM checkpoint "
+                    "(requeue me), 2 on a user error.")
+    train.add_argument("config", help="YAML run config, e.g. configs/smoke-cpu.yaml")
+    add_set_flag(train)
+    train.add_argument("--run-dir", default=None, help="output directory (default runs/<name>)")
+    train.add_argument("--resume", default="auto", metavar="auto|PATH|none",
+                       help="auto: newest complete checkpoint of the run dir (default); PATH: that checkpoint; "
+                            "none: start fresh")
+    train.set_defaults(func=_train)
+
+    ev = sub.add_parser("eval", help="held-out loss vs loop count for a run's checkpoint, and its plots")
+    ev.add_argument("run_dir", help="a run directory made by `loopstack train`")
+    ev.add_argument("--checkpoint", default="auto", help="checkpoint dir (default: the newest complete one)")
+    ev.add_argument("--loops", default="", help="comma-separated loop counts (default: config's eval.loops)")
+    ev.add_argument("--batches", type=int, default=0, help="eval batches per loop count (default: config's)")
+    ev.set_defaults(func=_eval)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from pretrain.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    from pretrain.train import run
+
+    return run(cfg, args.run_dir, args.resume)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from loopstack.errors import UserError
+    from pretrain.config import load_config
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "config.yaml").exists():
+        raise UserError(f"{run_dir}: no config.yaml (not a run directory made by `loopstack train`)")
+    overrides = []
+    if args.loops:
+        try:
+            loops = [int(x) for x in args.loops.split(",") if x.strip()]
+        except ValueError:
+            raise UserError(f"--loops {args.loops}: expected comma-separated integers, e.g. 1,2,4,8") from None
+        overrides.append(f"eval.loops={loops}")
+    if args.batches:
+        overrides.append(f"eval.batches={args.batches}")
+    cfg = load_config(run_dir / "config.yaml", overrides)
+    from pretrain.train import evaluate_run
+
+    return evaluate_run(cfg, run_dir, args.checkpoint)

@@ -1,0 +1,50 @@
+"""Held-out loss as a function of test-time loop count: the curve a looped model is judged by.
+
+`loss_vs_loops` runs the same eval sequences at each loop count (fewer or more than trained), averages
+over data-parallel ranks, and `write_eval` stores `eval/step_<n>.json` plus `eval/latest.json`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from pretrain.checkpoint import atomic_write_text
+
+
+@torch.no_grad()
+def loss_vs_loops(model: torch.nn.Module, make_data: Callable, loops: list[int], batches: int,
+                  device: torch.device, dp_group=None) -> dict[int, float]:
+    was_training = model.training
+    model.eval()
+    result = {}
+    try:
+        for n in loops:
+            data = make_data()
+            total = torch.zeros((), dtype=torch.float64, device=device)
+            for _ in range(batches):
+                tokens = torch.from_numpy(data.next_batch()["tokens"]).to(device)
+                out = model(tokens[:, :-1], tokens[:, 1:], loops=n, backprop_loops=0)
+                total += out.loss.double()
+            total /= batches
+            if dp_group is not None and dist.is_initialized():
+                dist.all_reduce(total, group=dp_group)
+                total /= dist.get_world_size(dp_group)
+            result[n] = total.item()
+    finally:
+        model.train(was_training)
+    return result
+
+
+def write_eval(run_dir: Path, step: int, result: dict[int, float]) -> Path:
+    out = run_dir / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"step": step, "loss_vs_loops": {str(k): v for k, v in result.items()}}
+    path = out / f"step_{step}.json"
+    atomic_write_text(path, json.dumps(record, indent=1))
+    atomic_write_text(out / "latest.json", json.dumps(record, indent=1))
+    return path

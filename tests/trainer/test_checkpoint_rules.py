@@ -1,0 +1,59 @@
+"""Checkpoint selection, pruning and the loss guard, without a model (fast)."""
+
+import json
+
+import pytest
+
+from loopstack.errors import UserError
+from pretrain.checkpoint import COMPLETE, find_resume, list_complete, prune
+from pretrain.guards import LossGuard
+
+
+def _ckpt(root, step, complete=True):
+    d = root / "checkpoints" / str(step)
+    d.mkdir(parents=True)
+    (d / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    if complete:
+        (d / COMPLETE).write_text(json.dumps({"step": step, "world_size": 1}))
+    return d
+
+
+def test_resume_auto_takes_newest_complete_and_ignores_partial(tmp_path):
+    assert find_resume(tmp_path, "auto") is None
+    _ckpt(tmp_path, 10)
+    _ckpt(tmp_path, 20)
+    _ckpt(tmp_path, 30, complete=False)  # killed while saving
+    (tmp_path / "checkpoints" / ".tmp-40").mkdir()
+    bad = _ckpt(tmp_path, 25, complete=False)
+    (bad / COMPLETE).write_text("{trunc")  # a COMPLETE cut mid-write does not count either
+    info = find_resume(tmp_path, "auto")
+    assert info.step == 20 and info.path.name == "20"
+    assert find_resume(tmp_path, "none") is None
+    assert find_resume(tmp_path, str(tmp_path / "checkpoints" / "10")).step == 10
+    with pytest.raises(UserError, match="not a complete checkpoint"):
+        find_resume(tmp_path, str(tmp_path / "checkpoints" / "30"))
+
+
+def test_prune_keeps_last_n_and_every_mth(tmp_path):
+    for s in (100, 200, 300, 400, 500):
+        _ckpt(tmp_path, s)
+    (tmp_path / "checkpoints" / ".tmp-600").mkdir()
+    prune(tmp_path / "checkpoints", keep_last=2, keep_every=200)
+    assert [c.step for c in list_complete(tmp_path / "checkpoints")] == [200, 400, 500]
+    assert not (tmp_path / "checkpoints" / ".tmp-600").exists()
+
+
+def test_loss_guard_skips_nan_and_spikes_then_asks_rollback():
+    g = LossGuard(spike_factor=2.0, rollback_after=2, warmup=3)
+    assert not any(g.should_skip(x) for x in (5.0, 4.9, 4.8, 4.7))
+    assert g.should_skip(float("nan")) and g.should_skip(float("inf"))
+    assert g.should_skip(50.0) and not g.wants_rollback
+    assert g.should_skip(60.0) and g.wants_rollback
+    g.reset()
+    assert not g.should_skip(4.6) and not g.wants_rollback
+    off = LossGuard(spike_factor=0.0, rollback_after=1)
+    assert not any(off.should_skip(x) for x in (1.0, 100.0, 1000.0))
+    state = g.state_dict()
+    h = LossGuard(2.0, 2, warmup=3)
+    h.load_state_dict(state)
+    assert h.state_dict() == state
