@@ -29,7 +29,7 @@ test: install lint
 	$(BIN)/python -m pytest -q tests
 
 bench: install
-	$(BIN)/python -m benchmarks.run
+	$(BIN)/python -m benchmarks.run $(BENCH)
 
 clean:
 	rm -rf runs/quickstart .pytest_cache

@@ -29,7 +29,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from data_pipeline.prepare import ensure_dataset
-
     from loopstack.errors import UserError
     from pretrain.config import load_config
     from pretrain.plots import plot_run

@@ -18,7 +18,6 @@ SMOKE = str(ROOT / "configs" / "smoke-cpu.yaml")
 def smoke_data(tmp_path_factory) -> list[str]:
     """`--set` flags pointing the smoke config at a tokenizer + shards prepared once per session."""
     from data_pipeline.prepare import ensure_dataset
-
     from pretrain.config import load_config
 
     base = tmp_path_factory.mktemp("smoke-data")

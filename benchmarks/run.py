@@ -1,0 +1,25 @@
+"""`make bench`: run every benchmark module in turn (each writes benchmarks/results/<name>.json)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+BENCHMARKS = ["benchmarks.bench_data", "benchmarks.bench_models", "benchmarks.bench_trainer"]
+
+
+def main(argv: list[str]) -> int:
+    chosen = [b for b in BENCHMARKS if not argv or any(a in b for a in argv)]
+    failed = []
+    for name in chosen:
+        print(f"== {name}", flush=True)
+        try:
+            importlib.import_module(name).main()
+        except Exception as err:  # one broken benchmark must not hide the others' numbers
+            print(f"{name} failed: {err!r}", file=sys.stderr)
+            failed.append(name)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
