@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import signal
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -60,6 +62,24 @@ def read_launch_env() -> tuple[int, int, int]:
     return rank, world, local
 
 
+def die_with_launcher() -> None:
+    """Under torchrun, make this worker die when its agent dies.
+
+    torchrun starts workers in their own sessions, so a SIGKILL of the agent (or of its process group, as a
+    scheduler or a user's `kill -9` does) would orphan them: still training, still writing checkpoints into
+    the run directory the restarted job resumes from. PR_SET_PDEATHSIG ties the worker's life to the agent's.
+    """
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    parent = os.getppid()
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the agent died before the call took effect
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def check_tp(world_size: int, tp: int) -> None:
     if tp < 1 or world_size % tp:
         raise UserError(f"world size {world_size} is not divisible by parallel.tp = {tp}")
@@ -71,6 +91,7 @@ def init_distributed(tp: int = 1, seed: int = 0, timeout_s: float = 600.0) -> Di
 
     rank, world, local = read_launch_env()
     check_tp(world, tp)
+    die_with_launcher()
     cuda = torch.cuda.is_available()
     backend = "nccl" if cuda else "gloo"
     device = torch.device("cuda", local % max(torch.cuda.device_count(), 1)) if cuda else torch.device("cpu")
@@ -244,6 +265,8 @@ def prepare_deepspeed() -> None:
     if torch.cuda.is_available():
         return
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed.comm.torch as ds_torch_comm
+    import importlib
 
+    # not `import deepspeed.comm.torch as m`: that name resolves to the torch package re-exported by deepspeed.comm
+    ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
     ds_torch_comm.build_shm_op = lambda: None

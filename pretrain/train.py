@@ -222,12 +222,12 @@ class Trainer:
 
     def train_step(self) -> dict:
         from pretrain.engine import step_or_skip
-        from pretrain.models.depth import loops_for_step
+        from pretrain.models.depth import depth_for_step
         from pretrain.optim import lr_at, set_lr
 
         cfg, env, engine = self.cfg, self.env, self.engine
         step = self.state.step
-        loops, backprop = loops_for_step(cfg.loop, cfg.model.loops, cfg.seed, step)
+        loops, backprop = depth_for_step(cfg.loop, cfg.model.loops, cfg.seed, step)
         set_lr(engine.optimizer, step, cfg.train)
         want_diag = bool(cfg.logging.diagnostics_every) and (step + 1) % cfg.logging.diagnostics_every == 0
         loss_sum = torch.zeros((), dtype=torch.float32, device=env.device)
@@ -265,8 +265,11 @@ class Trainer:
         from pretrain.models.flops import flops_per_token
 
         tok_s, _ = throughput.take()
-        flops = flops_per_token(self.cfg.model, self.cfg.data.seq_len, record["loops"], record["backprop_loops"],
-                                self.cfg.parallel.activation_checkpointing)
+        loops = record["loops"]
+        loss_loops = {"last": 1, "all": loops, "last_third": -(-loops // 3)}[self.cfg.loop.loss_on]
+        flops = flops_per_token(self.cfg.model, self.cfg.data.seq_len, loops, record["backprop_loops"],
+                                self.cfg.parallel.activation_checkpointing, vocab_size=self.vocab_size,
+                                loss_loops=loss_loops)
         record["tokens_per_s"] = tok_s
         record["model_flops_per_s"] = tok_s * flops.model_flops
         record["mfu"] = record["model_flops_per_s"] / (peak * self.env.world_size) if peak else None

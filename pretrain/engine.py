@@ -1,0 +1,220 @@
+"""The DeepSpeed engine, built from our config, with a step guard that every rank agrees on.
+
+    engine = build_engine(model, cfg, env, param_roles)
+    set_lr(engine.optimizer, step, cfg.train)                     # pretrain.optim; step is 0-based
+    for micro in range(cfg.train.grad_accum):
+        loss = engine(tokens, labels, loops=k)                    # forward kwargs pass through
+        engine.backward(loss)
+        stepped, grad_norm = step_or_skip(engine, loss_is_finite=ok)  # = engine.step(ok); acts at the boundary
+
+What DeepSpeed gets: our `HybridOptimizer` as a client optimizer (ZeRO 0/1/2/3 wrap it), micro batch,
+grad accumulation, clipping, bf16, and megatron's groups through `MegatronMPU` (TP = model parallel).
+bf16 keeps fp32 master weights and optimizer state (DeepSpeed's wrappers); with ZeRO >= 1 gradients
+are also accumulated and reduced in fp32, with ZeRO 0 DeepSpeed accumulates them in bf16.
+
+Muon works with ZeRO 0, 1 and 2 and any TP (see `pretrain.muon`); **Muon with ZeRO-3 is refused at
+startup** with a UserError: ZeRO-3 hands the optimizer flat sub-group partitions without the lp->hp
+fragment map Muon uses to reassemble matrices under ZeRO 1/2. AdamW works with every stage.
+The global grad norm and clipping come from DeepSpeed for ZeRO 1-3 and from `Engine` for ZeRO 0.
+
+Skipping a step. DeepSpeed skips on overflow only for some stage/dtype combinations (never for ZeRO-0
+fp32). Ours is uniform: gradient hooks and `backward` record on each rank, without a host sync, whether
+any local loss or gradient was non-finite; at the boundary one all-reduce (max) over all ranks turns
+that (and the caller's `loss_is_finite`) into one decision; then DeepSpeed's step runs as usual (so its
+bookkeeping, gradient clearing and accumulation counters stay in step on every rank) but the optimizer
+underneath does nothing. Weights, moments, Muon momenta and Adam step counts are untouched.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import torch
+import torch.distributed as dist
+
+from loopstack.errors import UserError
+from pretrain.distributed import DistEnv, MegatronMPU, prepare_deepspeed
+from pretrain.optim import HybridOptimizer, build_optimizer
+
+
+class StepOutcome(NamedTuple):
+    stepped: bool  # False on a non-boundary micro step and on a skipped step
+    grad_norm: float  # global pre-clip gradient norm; nan off the boundary; inf/nan when non-finite
+
+
+def deepspeed_config(cfg: Any, env: DistEnv) -> dict:
+    """The DeepSpeed config dict for this run (no optimizer section: we pass our own)."""
+    t, stage = cfg.train, cfg.parallel.zero_stage
+    bf16 = t.dtype == "bf16"
+    conf = {
+        "train_micro_batch_size_per_gpu": t.micro_batch,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.micro_batch * t.grad_accum * env.dp,
+        "gradient_clipping": 0.0 if _clips_itself(cfg) else t.grad_clip,
+        "zero_optimization": {"stage": stage},
+        "bf16": {"enabled": bf16},
+        "zero_allow_untested_optimizer": True,  # ours is a torch.optim.Optimizer DeepSpeed has not listed
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    if bf16 and stage > 0:
+        conf["data_types"] = {"grad_accum_dtype": "fp32"}
+    return conf
+
+
+def _clips_itself(cfg: Any) -> bool:
+    """ZeRO 0 norms and clips in `Engine`, not DeepSpeed: its fp32 path clips but keeps no norm, and its
+    bf16 wrapper (FP16_UnfusedOptimizer) norms gradient tensors, which carry no TP attributes, so on TP
+    ranks > 0 even the sharded gradients are dropped (a wrong norm, and wrong clipping, under TP)."""
+    return cfg.parallel.zero_stage == 0
+
+
+class _FiniteGuard:
+    """A device flag that turns False when any gradient or loss seen since the last `take` is non-finite."""
+
+    def __init__(self, params: list[torch.nn.Parameter], device: torch.device):
+        self.ok = torch.ones((), dtype=torch.bool, device=device)
+        # a tensor hook on a leaf sees its summed gradient once per backward, before DeepSpeed's hooks
+        self.handles = [p.register_hook(self._check) for p in params if p.requires_grad]
+
+    def _check(self, grad: torch.Tensor) -> None:
+        self.ok.logical_and_(torch.isfinite(grad).all().to(self.ok.device))
+
+    def note(self, loss: torch.Tensor) -> None:
+        self.ok.logical_and_(torch.isfinite(loss.detach()).all().to(self.ok.device))
+
+    def take(self) -> torch.Tensor:
+        ok = self.ok.clone()
+        self.ok.fill_(True)
+        return ok
+
+
+class Engine:
+    """A thin wrapper over `DeepSpeedEngine`: the same calls, plus the agreed skip and the grad norm.
+
+    Anything not defined here (`module`, `optimizer`, `global_steps`, `train()`, ...) is DeepSpeed's.
+    """
+
+    def __init__(self, ds_engine: Any, optimizer: HybridOptimizer, guard: _FiniteGuard, cfg: Any, env: DistEnv):
+        self.ds = ds_engine
+        self.base_optimizer = optimizer
+        self._guard = guard
+        self._cfg, self._env = cfg, env
+        self.last_step_skipped = False
+        self.skipped_steps = 0
+        self._grad_norm = math.nan
+
+    def __getattr__(self, name: str) -> Any:  # only called for names not found on the wrapper
+        ds = self.__dict__.get("ds")
+        if ds is None:
+            raise AttributeError(name)
+        return getattr(ds, name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.ds(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self._guard.note(loss)
+        self.ds.backward(loss)
+
+    def is_gradient_accumulation_boundary(self) -> bool:
+        return self.ds.is_gradient_accumulation_boundary()
+
+    def step(self, loss_is_finite: bool = True) -> StepOutcome:
+        """DeepSpeed's step; at the accumulation boundary, skipped on every rank if any rank saw a
+        non-finite loss or gradient or was told `loss_is_finite=False` (e.g. a loss spike)."""
+        if not self.ds.is_gradient_accumulation_boundary():
+            self.ds.step()
+            return StepOutcome(False, math.nan)
+        bad = (~(self._guard.take() & bool(loss_is_finite))).to(torch.float32).reshape(1)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        skip = bool(bad.item())
+        norm = self._clip_zero0() if _clips_itself(self._cfg) else None
+        self.base_optimizer.skip_next_step = skip
+        try:
+            self.ds.step()
+        finally:
+            self.base_optimizer.skip_next_step = False
+        if norm is None:
+            norm = self.ds.get_global_grad_norm()
+            norm = math.nan if norm is None else float(norm)
+        self._grad_norm, self.last_step_skipped = norm, skip
+        self.skipped_steps += skip
+        return StepOutcome(not skip, norm)
+
+    def get_global_grad_norm(self) -> float:
+        """Pre-clip global gradient norm (TP shards counted once, DP-averaged grads) of the last boundary."""
+        return self._grad_norm
+
+    def save_checkpoint(self, save_dir: str, tag: str | None = None, client_state: dict | None = None,
+                        **kwargs: Any) -> Any:
+        return self.ds.save_checkpoint(save_dir, tag=tag, client_state=client_state or {}, **kwargs)
+
+    def load_checkpoint(self, load_dir: str, tag: str | None = None, **kwargs: Any) -> Any:
+        """DeepSpeed's: returns (path, client_state); path is None when nothing was found."""
+        return self.ds.load_checkpoint(load_dir, tag=tag, **kwargs)
+
+    @torch.no_grad()
+    def _clip_zero0(self) -> float:
+        """ZeRO 0: grads are whole and DP-averaged by now; megatron-style norm (a TP-replicated param
+        counts once, on TP rank 0), then clip like torch's clip_grad_norm_."""
+        params = [p for p in self.ds.module.parameters() if p.grad is not None]
+        tp_rank = self._env.tp_rank
+        mine = [p.grad for p in params if tp_rank == 0 or getattr(p, "tensor_model_parallel", False)]
+        sq = torch.zeros((), dtype=torch.float32, device=self._env.device)
+        for g in mine:
+            sq += g.detach().float().pow(2).sum()
+        if self._env.tp > 1:
+            from megatron.core import parallel_state as ps
+
+            dist.all_reduce(sq, group=ps.get_tensor_model_parallel_group())
+        norm = float(sq.sqrt())
+        clip = self._cfg.train.grad_clip
+        if clip > 0 and math.isfinite(norm):
+            coef = min(1.0, clip / (norm + 1e-6))
+            if coef < 1.0:
+                for p in params:
+                    p.grad.mul_(coef)
+        return norm
+
+
+def step_or_skip(engine: Engine, loss_is_finite: bool = True) -> StepOutcome:
+    """`engine.step(loss_is_finite)`: call once per micro step (it is DeepSpeed's step on the others).
+
+    At the boundary the decision is identical on every rank (one all-reduce of a flag); a skipped step
+    leaves weights and optimizer state as they were and clears the gradients, so the next step starts
+    clean. Returns (stepped, pre-clip global grad norm).
+    """
+    return engine.step(loss_is_finite)
+
+
+def build_engine(model: torch.nn.Module, cfg: Any, env: DistEnv, param_roles: Mapping[str, str]) -> Engine:
+    """`deepspeed.initialize` for `model` with our optimizer, config and megatron's groups."""
+    if cfg.train.optimizer == "muon" and cfg.parallel.zero_stage >= 3:
+        raise UserError("Muon with ZeRO-3 is not supported: use zero_stage<=2 (parallel.zero_stage), "
+                        "or train.optimizer=adamw")
+    prepare_deepspeed()
+    # DeepSpeed asserts LOCAL_RANK is set; a plain `python` single process (no torchrun) has none
+    os.environ.setdefault("LOCAL_RANK", str(env.local_rank))
+    import deepspeed
+    from megatron.core import parallel_state as ps
+
+    tp_group = ps.get_tensor_model_parallel_group() if env.tp > 1 else None
+    dp_group = ps.get_data_parallel_group() if env.dp > 1 else None
+    model.to(env.device)  # DeepSpeed would move it too; before, so fused AdamW sees device tensors
+    optimizer = build_optimizer(model, param_roles, cfg.train, tp_group=tp_group, dp_group=dp_group,
+                                device=env.device)
+    guard = _FiniteGuard([p for p in model.parameters()], env.device)
+    # DeepSpeed's bf16 ZeRO-0 wrapper primes optimizer state with a zero-gradient step(); for AdamW that
+    # would already apply one weight decay and advance the bias correction, so it must be a no-op.
+    optimizer.skip_next_step = True
+    try:
+        ds_engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, env),
+                                             mpu=MegatronMPU())
+    finally:
+        optimizer.skip_next_step = False
+    return Engine(ds_engine, optimizer, guard, cfg, env)

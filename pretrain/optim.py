@@ -1,0 +1,184 @@
+"""Optimizers and learning-rate schedules.
+
+    groups = build_param_groups(model, param_roles, cfg.train)       # who gets which lr / decay / update rule
+    opt = build_optimizer(model, param_roles, cfg.train, tp_group=..)  # one torch optimizer DeepSpeed wraps
+    set_lr(opt, step, cfg.train)                                     # before each optimizer step (0-based)
+
+Parameter roles (given by the model, by parameter name): "matrix" = 2-D block matrices (decayed; Muon
+when train.optimizer = muon), "embedding", "head", "norm", "injection", "bias" (AdamW, no decay). This
+is the recipe of the FLT and Parcae papers: Muon for the block matrices, AdamW for the embedding, the
+head, gains and the injection parameters, each group at its own learning rate.
+
+Everything is one optimizer (`HybridOptimizer`) so that DeepSpeed can wrap it as a client optimizer under
+any ZeRO stage; see `pretrain.muon` for how the Muon part stays correct under ZeRO 1/2 and TP.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from pretrain.muon import MatrixInfo, TPContext, muon_step_flat, muon_step_shaped
+
+ROLES = ("matrix", "embedding", "head", "norm", "injection", "bias")
+# group name -> update rule; this order is the param-group order
+GROUPS: dict[str, str] = {"muon": "muon", "adamw_decay": "adamw", "adamw_no_decay": "adamw",
+                          "embedding": "adamw", "head": "adamw"}
+
+
+# --- schedules ------------------------------------------------------------------------------------
+
+def lr_at(step: int, train_cfg: Any) -> float:
+    """LR multiplier in [0, 1] at 0-based optimizer step `step`.
+
+    Warmup is linear, (step + 1) / warmup_steps, so the first step already moves. After it:
+    cosine from 1 to min_lr_ratio; wsd holds 1, then decays linearly over the last
+    round(decay_fraction * steps) steps; constant holds 1. Both decays reach min_lr_ratio at
+    step == train.steps (one past the last step, so no step is spent at the floor) and stay there.
+    """
+    total, warm, floor = train_cfg.steps, train_cfg.warmup_steps, train_cfg.min_lr_ratio
+    if step < warm:
+        return (step + 1) / warm
+    if train_cfg.schedule == "constant":
+        return 1.0
+    if train_cfg.schedule == "cosine":
+        span = total - warm
+        progress = 1.0 if span <= 0 else min(1.0, (step - warm) / span)
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if train_cfg.schedule == "wsd":
+        start = max(warm, total - round(train_cfg.decay_fraction * total))
+        if step < start:
+            return 1.0
+        span = total - start
+        progress = 1.0 if span <= 0 else min(1.0, (step - start) / span)
+        return 1.0 - (1.0 - floor) * progress
+    raise ValueError(f"unknown schedule {train_cfg.schedule!r}")
+
+
+def group_base_lr(name: str, train_cfg: Any) -> float:
+    """Peak lr of a param group, read from the config (not the checkpoint: a resumed run may change it)."""
+    if name == "muon":
+        return train_cfg.muon_lr
+    if name == "embedding":
+        return train_cfg.embed_lr or train_cfg.lr
+    if name == "head":
+        return train_cfg.head_lr or train_cfg.lr
+    if name in GROUPS:
+        return train_cfg.lr
+    raise ValueError(f"param group {name!r} is not one of loopstack's groups {list(GROUPS)}")
+
+
+def set_lr(optimizer: Any, step: int, train_cfg: Any) -> float:
+    """Set every group's lr to its base lr times `lr_at(step)`; returns the multiplier.
+
+    `optimizer` is ours or any DeepSpeed wrapper of it (they all expose the same `param_groups`).
+    """
+    mult = lr_at(step, train_cfg)
+    for group in optimizer.param_groups:
+        group["lr"] = group_base_lr(group["name"], train_cfg) * mult
+    return mult
+
+
+# --- param groups ---------------------------------------------------------------------------------
+
+def build_param_groups(model: torch.nn.Module, param_roles: Mapping[str, str], train_cfg: Any) -> list[dict]:
+    """Trainable parameters sorted into the named groups, each with its lr and weight decay."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    missing = [n for n, _ in named if n not in param_roles]  # extra names (frozen, tied aliases) are fine
+    unknown = sorted({r for r in param_roles.values() if r not in ROLES})
+    if missing or unknown:
+        raise ValueError(f"param_roles: no role for {missing[:5]}; unknown roles {unknown} "
+                         f"(roles: {', '.join(ROLES)})")
+    muon = train_cfg.optimizer == "muon"
+    members: dict[str, list[torch.nn.Parameter]] = {g: [] for g in GROUPS}
+    for n, p in named:
+        role = param_roles[n]
+        if role == "matrix":
+            if muon and p.dim() != 2:
+                raise ValueError(f"{n}: role 'matrix' under Muon needs a 2-D tensor, got {tuple(p.shape)}")
+            members["muon" if muon else "adamw_decay"].append(p)
+        elif role in ("embedding", "head"):
+            members[role].append(p)
+        else:
+            members["adamw_no_decay"].append(p)
+    decay = {"muon": train_cfg.muon_weight_decay, "adamw_decay": train_cfg.weight_decay}
+    return [dict(params=ps, name=g, kind=GROUPS[g], lr=group_base_lr(g, train_cfg), weight_decay=decay.get(g, 0.0))
+            for g, ps in members.items() if ps]
+
+
+# --- the optimizer --------------------------------------------------------------------------------
+
+class HybridOptimizer(torch.optim.Optimizer):
+    """AdamW groups and Muon groups in one torch optimizer, with a step that can be vetoed.
+
+    AdamW is torch's own (fused on CUDA), run on the AdamW groups and sharing this optimizer's state, so
+    its checkpoints are plain `state_dict`s. Muon runs per group with `pretrain.muon`. `skip_next_step`
+    makes `step()` a no-op: the engine sets it for a step every rank agreed to skip (non-finite loss or
+    gradients), so neither weights nor moments, momenta or Adam step counts move.
+
+    The class name deliberately avoids 'muon' and the params carry no `use_muon`: DeepSpeed keys its own
+    (shard-wise) Muon path on those.
+    """
+
+    def __init__(self, groups: list[dict], *, betas: tuple[float, float], eps: float, momentum: float,
+                 fused: bool = False, tp_group: dist.ProcessGroup | None = None,
+                 dp_group: dist.ProcessGroup | None = None, ns_steps: int = 5,
+                 ns_dtype: torch.dtype = torch.float32):
+        super().__init__(groups, dict(lr=0.0, weight_decay=0.0, momentum=momentum))
+        self.skip_next_step = False
+        self.tp = TPContext(tp_group)
+        self.dp_group = dp_group
+        self.ns_steps, self.ns_dtype = ns_steps, ns_dtype
+        # per Muon group: the model's matrices in group order (DeepSpeed may swap the group's tensors for
+        # flat partitions or fp32 copies, which lose megatron's TP attributes)
+        self.matrices: dict[str, tuple[list[torch.Tensor], list[MatrixInfo]]] = {
+            g["name"]: (list(g["params"]), [MatrixInfo.of(p, self.tp.size) for p in g["params"]])
+            for g in self.param_groups if g["kind"] == "muon"}
+        adam_groups = [g for g in self.param_groups if g["kind"] == "adamw"]
+        self._adamw = torch.optim.AdamW(adam_groups, lr=0.0, betas=betas, eps=eps, weight_decay=0.0,
+                                        fused=True if fused else None) if adam_groups else None
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: D102 - see the class docstring
+        if closure is not None:
+            raise NotImplementedError("HybridOptimizer.step does not take a closure")
+        if self.skip_next_step:
+            return None
+        # DeepSpeed may call step with a subset of groups (ZeRO 1/2: one at a time) or emptied lists (ZeRO 3)
+        adam = [g for g in self.param_groups if g["kind"] == "adamw" and g["params"]]
+        if adam:
+            self._adamw.param_groups = adam
+            self._adamw.state = self.state
+            self._adamw.step()
+        for group in self.param_groups:
+            if group["kind"] == "muon" and group["params"]:
+                self._muon_step(group)
+        return None
+
+    def _muon_step(self, group: dict) -> None:
+        lp_params, infos = self.matrices[group["name"]]
+        params = group["params"]
+        args = dict(lr=group["lr"], wd=group["weight_decay"], beta=group["momentum"], tp=self.tp,
+                    steps=self.ns_steps, ns_dtype=self.ns_dtype)
+        if len(params) == len(infos) and all(p.shape == i.local_shape for p, i in zip(params, infos, strict=True)):
+            muon_step_shaped(params, infos, self.state, **args)
+        elif len(params) == 1 and params[0].dim() == 1:
+            muon_step_flat(params[0], lp_params, infos, self.state, dp_group=self.dp_group, **args)
+        else:
+            raise RuntimeError(f"Muon group {group['name']!r}: unexpected parameter layout "
+                               f"{[tuple(p.shape) for p in params][:4]} (ZeRO-3 is not supported)")
+
+
+def build_optimizer(model: torch.nn.Module, param_roles: Mapping[str, str], train_cfg: Any, *,
+                    tp_group: dist.ProcessGroup | None = None, dp_group: dist.ProcessGroup | None = None,
+                    device: torch.device | None = None) -> HybridOptimizer:
+    """The optimizer for `train_cfg.optimizer` ("adamw": all AdamW; "muon": Muon on matrices + AdamW)."""
+    cuda = device is not None and device.type == "cuda"
+    return HybridOptimizer(build_param_groups(model, param_roles, train_cfg),
+                           betas=(train_cfg.beta1, train_cfg.beta2), eps=train_cfg.eps,
+                           momentum=train_cfg.muon_momentum, fused=cuda, tp_group=tp_group, dp_group=dp_group,
+                           ns_dtype=torch.bfloat16 if cuda else torch.float32)
