@@ -14,6 +14,7 @@ import os
 import random
 import signal
 import sys
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -24,6 +25,12 @@ import torch.distributed as dist
 from loopstack.errors import UserError
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+# megatron-core warns at import that Transformer Engine / Apex are absent; we use neither on purpose.
+warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+warnings.filterwarnings("ignore", message=".*imports from `dynamic_context.py` will be removed")
+# DeepSpeed 0.19 still calls the deprecated all_gather_into_tensor (ZeRO-1/2); nothing for a user to act on.
+warnings.filterwarnings("ignore", message=".*all_gather_into_tensor` is deprecated")
 
 
 @dataclass(frozen=True)

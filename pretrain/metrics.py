@@ -122,10 +122,12 @@ def _start_wandb(run_dir: Path, cfg_dict: dict, mode: str, project: str, name: s
     """A wandb run in `<run>/wandb`, resumed under the same id after a restart; offline never needs a network
     (`wandb sync <run>/wandb/offline-run-*` uploads it later)."""
     os.environ.setdefault("WANDB_SILENT", "true")
+    import secrets
+
     import wandb
 
     id_file = run_dir / "wandb_id"
-    run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+    run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
     if not id_file.exists():
         atomic_write_text(id_file, run_id)
     try:
