@@ -16,7 +16,8 @@ class TokenizerConfig:
     dir: str = param("data/tokenizer", help="directory holding tokenizer.model + tokenizer.json")
     model_type: Literal["bpe", "unigram"] = param("bpe", help="sentencepiece algorithm")
     vocab_size: int = param(8192, min=64, max=1 << 20, help="vocabulary size incl. special tokens")
-    max_sentences: int = param(2_000_000, min=1, help="cap on sentences sampled for training")
+    max_sentences: int = param(2_000_000, min=1,
+                               help="cap on training sentences (pieces of <= 1024 characters, cut at line ends)")
     byte_fallback: bool = param(True, help="unknown characters fall back to bytes")
     split_digits: bool = param(True, help="each digit its own piece")
 
@@ -25,11 +26,15 @@ class TokenizerConfig:
 class DataConfig:
     """Sources to tokenize, shards to write, and what the training loader reads."""
 
-    sources: list[str] = param([], help="files, folders or globs; 'stdlib' is the embedded corpus")
+    sources: list[str] = param([], help="[NAME=]PATH|GLOB|stdlib[:GLOB]|hf:PATH[@SPLIT], optional #FIELD "
+                                        "(see data_pipeline/sources.py); 'stdlib' is the embedded corpus")
     text_field: str = param("text", help="field holding the text in jsonl/parquet/datasets")
     out: str = param("data/shards", help="output directory of `data prepare`")
     workers: int = param(0, min=0, help="tokenizer processes; 0 = all cores")
-    shard_mb: float = param(64.0, min=0.001, help="upper bound on a shard's size")
+    shard_mb: float = param(64.0, min=0.001, help="upper bound on a shard's size (one huge document excepted)")
+    max_doc_mb: float = param(64.0, min=0.001, help="larger documents count as bad documents")
+    bad_documents: Literal["skip", "error"] = param(
+        "skip", help="empty / non-UTF-8 / oversized documents: skip and count them, or stop with file:line")
     train: list[str] = param([], help="manifest directories the trainer reads (default: [out])")
     weights: list[float] = param([], help="mixture weights, one per train directory")
     eval: list[str] = param([], help="held-out manifest directories for eval")

@@ -61,6 +61,17 @@ class StopRequest:
         return bool(flag.item())
 
 
+def prepare_data(cfg: RunConfig) -> None:
+    """Train the tokenizer / tokenize the corpus if the run's data is not there yet.
+
+    Called by every rank *before* the process group exists: the pipeline forks workers, which is only safe
+    in a process without gloo/OpenMP threads; a file lock lets one rank work while the others wait.
+    """
+    from data_pipeline.prepare import ensure_dataset
+
+    ensure_dataset(cfg.data, cfg.tokenizer)
+
+
 def default_run_dir(cfg: RunConfig) -> Path:
     return Path("runs") / cfg.name
 
@@ -70,6 +81,7 @@ def run(cfg: RunConfig, run_dir: Path | None = None, resume: str = "auto") -> in
     run_dir = Path(run_dir) if run_dir else default_run_dir(cfg)
     if resume not in ("auto", "none"):
         ckpt.find_resume(run_dir, resume)  # a wrong path fails now, before any setup
+    prepare_data(cfg)
     env = init_distributed(tp=cfg.parallel.tp, seed=cfg.seed)
     try:
         return Trainer(cfg, run_dir, env).fit(resume)
@@ -94,12 +106,10 @@ class Trainer:
 
     def _setup_data(self) -> None:
         from data_pipeline.loader import PackedDataset
-        from data_pipeline.prepare import ensure_dataset
         from data_pipeline.tokenizer import load_tokenizer
 
         cfg, env = self.cfg, self.env
-        if env.is_main:  # one process tokenizes; the rest wait for its manifest
-            ensure_dataset(cfg.data, cfg.tokenizer)
+        if env.is_main:
             save_config(cfg, self.run_dir / "config.yaml")
         dist.barrier()
         self.tokenizer = load_tokenizer(cfg.tokenizer.dir)
@@ -321,6 +331,7 @@ def evaluate_run(cfg: RunConfig, run_dir: Path, checkpoint: str = "auto") -> int
     """`loopstack eval`: load a run's checkpoint, measure loss vs loops, write eval/ and the plots."""
     from pretrain.plots import plot_run
 
+    prepare_data(cfg)
     env = init_distributed(tp=cfg.parallel.tp, seed=cfg.seed)
     try:
         trainer = Trainer(cfg, run_dir, env)
