@@ -1,1 +1,31 @@
-"""Looped transformer family built on megatron-core tensor-parallel layers."""
+"""Looped transformer family built on megatron-core tensor-parallel layers.
+
+    from pretrain.models import build_model, param_roles, count_parameters
+    model = build_model(cfg.model, cfg.loop, vocab_size, activation_checkpointing="loop")
+    out = model(tokens, labels, loops=8, backprop_loops=4, diagnostics=True)   # LoopedOutput
+
+Files: config.py (sections, recipes), layers.py (norms, rotary, attention, MLP), injection.py (how the input
+enters the loop), looped.py (the model), diagnostics.py (per-loop health, early exit), depth.py (loop-count
+sampling), flops.py (FLOPs per token), generate.py (KV cache, generation).
+
+Names are imported lazily: `pretrain.config` reads `pretrain.models.config` without paying for torch/megatron.
+"""
+
+from importlib import import_module
+
+_EXPORTS = {
+    "ModelConfig": "config", "LoopConfig": "config", "Switches": "config", "resolve_switches": "config",
+    "build_model": "looped", "LoopedLM": "looped", "LoopedOutput": "looped", "LoopDiagnostics": "diagnostics",
+    "param_roles": "looped", "count_parameters": "looped",
+    "sample_loops": "depth", "depth_for_step": "depth", "Depth": "depth",
+    "flops_per_token": "flops", "FlopsBreakdown": "flops",
+    "KVCache": "generate", "generate": "generate",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(f"pretrain.models.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'pretrain.models' has no attribute {name!r}")

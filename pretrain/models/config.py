@@ -1,20 +1,35 @@
-"""Config sections owned by the model family: `model` (architecture) and `loop` (depth in training)."""
+"""Config sections owned by the model family: `model` (architecture) and `loop` (depth in training).
+
+`model.variant` names a recipe (`RECIPES`) that fixes the loop switches (`injection`, `norm`, `outer_norm`,
+`state_init`, ...). Every switch defaults to null, meaning "the recipe's value"; a switch set explicitly
+overrides the recipe, so `variant: looped` with every switch given is the fully manual form.
+`resolve_switches(cfg)` returns the values the model uses. No torch here (the CLI imports this file).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Literal
 
+from loopstack.errors import ConfigError
 from loopstack.typed_config import param
 
-Variant = Literal["looped", "lt", "lt_i", "lt_ia", "flt_res", "flt", "recall", "huginn", "parcae"]
+Variant = Literal["looped", "lt", "lt_i", "lt_ia", "flt_res", "flt", "recall", "recall_internal", "huginn", "parcae"]
+Injection = Literal["none", "add", "concat", "parcae"]
+InternalRecall = Literal["none", "layer", "mlp", "sublayer"]
+StateInject = Literal["none", "query_first", "query_all", "stream_all"]
+NormStyle = Literal["pre", "sandwich"]
+StateInit = Literal["zeros", "embed", "random"]
 
 
 @dataclass
 class ModelConfig:
     """The looped LM: embedding -> prelude -> core x loops -> coda -> norm -> head."""
 
-    variant: Variant = param("flt", help="named recipe; 'looped' uses the switches below as given")
+    variant: Variant = param("flt", help="named recipe: sets every loop switch left null (injection ... embed_scale); "
+                                         "'looped' = plain k x L loop")
     loops: int = param(4, min=1, help="core-block iterations (mean depth when sampled)")
     d_model: int = param(256, min=8, help="hidden size")
     n_heads: int = param(4, min=1, help="attention heads")
@@ -24,12 +39,39 @@ class ModelConfig:
     n_coda: int = param(0, min=0, help="ordinary layers after the loop")
     vocab_size: int = param(0, min=0, help="0 = the tokenizer's vocabulary size")
     mlp: Literal["swiglu", "relu2"] = param("relu2", help="MLP type")
-    mlp_ratio: float = param(4.0, min=0.5, help="MLP hidden size / d_model")
+    mlp_ratio: float = param(4.0, min=0.5, help="MLP hidden size / d_model (rounded up to a multiple of 16)")
     tie_embeddings: bool = param(True, help="head shares the embedding matrix")
-    qk_norm: bool = param(True, help="RMSNorm on queries and keys")
+    qk_norm: bool = param(True, help="RMSNorm on queries and keys (per head)")
     logit_softcap: float = param(0.0, min=0.0, help="c * tanh(z / c) on logits; 0 = off")
     rope_theta: float = param(10000.0, min=1.0, help="rotary base")
-    init_std: float = param(0.02, min=0.0, help="std of weight init")
+    init_std: float = param(0.02, min=0.0, help="std of weight init (output projections: / sqrt(2 x layers))")
+    # --- loop switches: null = the variant's recipe (see RECIPES) ---
+    injection: Injection | None = param(
+        None, help="input into the loop state at each loop's entry: none | add (h+e) | concat (Huginn adapter) | "
+                   "parcae (constrained diagonal system)")
+    entry_norm: bool | None = param(None, help="RMS-normalise the block input after injection (LT_i: norm(h + e))")
+    internal_recall: InternalRecall | None = param(
+        None, help="also add e inside every core layer: before the layer, before the MLP, or before each sublayer")
+    restart: bool | None = param(None, help="every loop restarts its residual stream from e (FLT family)")
+    state_inject: StateInject | None = param(
+        None, help="how the previous loop's state enters the layers: queries of the first / every layer's "
+                   "attention (LT_ia / FLT), or x <- norm(x + h) before every layer (FLT_res)")
+    norm: NormStyle | None = param(None, help="layer norm placement: pre-norm or sandwich (Huginn)")
+    outer_norm: bool | None = param(None, help="RMS-normalise the loop state after every loop (and h_0)")
+    norm_affine: bool | None = param(None, help="learnable RMSNorm weights (the FLT recipes use none)")
+    state_init: StateInit | None = param(None, help="h_0: zeros, the embedded input, or truncated-normal noise")
+    state_init_std: float | None = param(None, min=0.0, help="std of random h_0 (Huginn: 0.63)")
+    embed_scale: bool | None = param(None, help="multiply the embedding by sqrt(d_model) (Huginn)")
+
+    def check(self) -> None:
+        kv = self.n_kv_heads or self.n_heads
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"d_model = {self.d_model} is not divisible by n_heads = {self.n_heads}")
+        if (self.d_model // self.n_heads) % 2:
+            raise ConfigError(f"head dim d_model / n_heads = {self.d_model // self.n_heads} must be even (rotary)")
+        if self.n_heads % kv:
+            raise ConfigError(f"n_kv_heads = {kv} does not divide n_heads = {self.n_heads}")
+        resolve_switches(self)
 
 
 @dataclass
@@ -38,7 +80,79 @@ class LoopConfig:
 
     sampler: Literal["fixed", "poisson_lognormal", "uniform"] = param("fixed", help="depth per step")
     min_loops: int = param(1, min=1, help="lower bound for the uniform sampler")
-    max_loops: int = param(0, min=0, help="upper bound for the samplers; 0 = unbounded/2 x loops")
+    max_loops: int = param(0, min=0, help="upper bound for the samplers; 0 = unbounded (uniform: 2 x loops - min)")
     sigma: float = param(0.5, min=0.0, help="lognormal std of the Poisson rate (Huginn: 0.5)")
     backprop_loops: int = param(0, min=0, help="gradient through the last k loops only; 0 = all")
-    loss_on: Literal["last", "all", "last_third"] = param("last", help="which loops feed the loss")
+    loss_on: Literal["last", "all", "last_third"] = param(
+        "last", help="which loops feed the loss (only loops that carry gradient count)")
+
+
+@dataclass(frozen=True)
+class Switches:
+    """The resolved loop switches: what the model is built from."""
+
+    injection: Injection = "none"
+    entry_norm: bool = False
+    internal_recall: InternalRecall = "none"
+    restart: bool = False
+    state_inject: StateInject = "none"
+    norm: NormStyle = "pre"
+    outer_norm: bool = False
+    norm_affine: bool = True
+    state_init: StateInit = "embed"
+    state_init_std: float = 0.63
+    embed_scale: bool = False
+
+
+# Fully Looped Transformer family (design note section 5): weightless norms, the inter-loop signal is the
+# normalised loop output, logits come from it.
+_FLT = dict(outer_norm=True, norm_affine=False)
+_RESTART = dict(_FLT, restart=True, entry_norm=True)
+
+RECIPES: dict[str, Switches] = {
+    # plain k x L loop: h_0 = e, h_t = B(h_{t-1}); every switch at its generic default
+    "looped": Switches(),
+    # LT: loop 1 starts from norm(e), loop t > 1 from h^(t-1) = norm(output of loop t-1)
+    "lt": Switches(**_FLT, state_init="embed"),
+    # LT_i: loop t starts from norm(e + h^(t-1)); with h_0 = 0 loop 1 starts from norm(e)
+    "lt_i": Switches(**_FLT, injection="add", entry_norm=True, state_init="zeros"),
+    # LT_ia: stream restarts from norm(e); the first layer's queries come from h^(t-1)
+    "lt_ia": Switches(**_RESTART, state_inject="query_first"),
+    # FLT_res: stream restarts from norm(e); before every layer x <- norm(x + h^(t-1))
+    "flt_res": Switches(**_RESTART, state_inject="stream_all"),
+    # FLT: stream restarts from norm(e); every layer's queries come from h^(t-1)
+    "flt": Switches(**_RESTART, state_inject="query_all"),
+    # recall + outer norm, entry placement (the default placement, see injection.py): h_t = Norm(B(h + e))
+    "recall": Switches(injection="add", outer_norm=True, state_init="zeros"),
+    # internal recall + outer norm: e added to the stream before every core layer
+    "recall_internal": Switches(internal_recall="layer", outer_norm=True, state_init="zeros"),
+    # Huginn: e = Prelude(E(x) sqrt(d)); h_0 ~ TN(0.63); h_t = Core(Adapter([h, e])); sandwich layers
+    "huginn": Switches(injection="concat", norm="sandwich", state_init="random", embed_scale=True),
+    # Parcae: e = RMSNorm(Prelude(E x)); h_0 ~ TN; u = exp(delta A) h + delta B e; pre-norm core
+    "parcae": Switches(injection="parcae", state_init="random"),
+}
+
+
+VOCAB_MULTIPLE = 128  # the padded vocabulary is the same for every TP size up to 128: TP does not change the model
+
+
+def padded_vocab(vocab_size: int) -> int:
+    return VOCAB_MULTIPLE * math.ceil(vocab_size / VOCAB_MULTIPLE)
+
+
+def mlp_hidden(cfg: ModelConfig) -> int:
+    """MLP width, rounded up to a multiple of 16 so it splits evenly for TP <= 16 (independent of TP)."""
+    return 16 * math.ceil(cfg.mlp_ratio * cfg.d_model / 16)
+
+
+def resolve_switches(cfg: ModelConfig) -> Switches:
+    """The recipe of `cfg.variant` with every explicitly set switch applied over it."""
+    base = RECIPES[cfg.variant]
+    given = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(Switches) if getattr(cfg, f.name) is not None}
+    sw = dataclasses.replace(base, **given)
+    if sw.restart and sw.injection != "none":
+        raise ConfigError(f"injection = {sw.injection!r} has no effect when restart is true "
+                          "(the stream restarts from e; the previous state enters through state_inject)")
+    if sw.restart and sw.state_inject == "none":
+        raise ConfigError("restart = true needs state_inject (otherwise loops after the first repeat the first)")
+    return sw

@@ -1,0 +1,77 @@
+"""What the loop records about itself: per-loop health for the logger, and per-sequence early exit."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class LoopDiagnostics:
+    """Per-loop health of the recurrence, as plain floats for the logger.
+
+    state_norm[t]: mean per-token L2 norm of loop t+1's output before outer normalisation (residual growth).
+    rel_change[t]: ||h_{t+2} - h_{t+1}|| / ||h_{t+1}|| over the batch, between consecutive loop states (loops-1).
+    grad_norm[t]:  norm of dL/dh_{t+1}, the gradient reaching loop t+1's output; written by backward hooks, so
+                   read it after backward; 0.0 for loops run without gradient.
+    extra:         injection-specific values (Parcae: max of exp(delta A)).
+    """
+
+    loops: int
+    state_norm: list[float] = field(default_factory=list)
+    rel_change: list[float] = field(default_factory=list)
+    grad_norm: list[float] = field(default_factory=list)
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class Recorder:
+    """Collects diagnostics during one forward as device tensors; `finish` converts them with one sync."""
+
+    def __init__(self, loops: int):
+        self.diag = LoopDiagnostics(loops=loops, grad_norm=[0.0] * loops)
+        self._norms: list[torch.Tensor] = []
+        self._rels: list[torch.Tensor] = []
+
+    def record(self, t: int, h: torch.Tensor | None, h_next: torch.Tensor, pre_norm: torch.Tensor) -> None:
+        self._norms.append(pre_norm.detach().float().norm(dim=-1).mean())
+        if h is not None and t > 0:
+            old = h.detach().float()
+            self._rels.append((h_next.detach().float() - old).norm() / old.norm().clamp_min(1e-30))
+        if h_next.requires_grad:
+            h_next.register_hook(self._grad_hook(t))
+
+    def _grad_hook(self, t: int):
+        def hook(grad: torch.Tensor) -> None:
+            self.diag.grad_norm[t] = float(grad.detach().float().norm())
+        return hook
+
+    def finish(self, extra: dict[str, float]) -> LoopDiagnostics:
+        values = torch.stack(self._norms + self._rels).tolist()
+        n = len(self._norms)
+        self.diag.state_norm, self.diag.rel_change = values[:n], values[n:]
+        self.diag.extra.update(extra)
+        return self.diag
+
+
+class EarlyExit:
+    """Per-sequence exit once ||h_t - h_{t-1}|| / ||h_{t-1}|| < epsilon: the exited sequence's state is frozen
+    (later loops leave it unchanged) and `loops_run[b]` says after which loop it stopped."""
+
+    def __init__(self, epsilon: float, batch: int, loops: int, device: torch.device):
+        self.epsilon = epsilon
+        self.loops_run = torch.full((batch,), loops, dtype=torch.long, device=device)
+        self.done = torch.zeros(batch, dtype=torch.bool, device=device)
+
+    def step(self, t: int, h: torch.Tensor | None, h_next: torch.Tensor) -> torch.Tensor:
+        if h is None or t == 0:  # the first change is measured between loops 1 and 2
+            return h_next
+        rel = (h_next - h).flatten(1).float().norm(dim=1) / h.flatten(1).float().norm(dim=1).clamp_min(1e-30)
+        h_next = torch.where(self.done[:, None, None], h, h_next)
+        newly = ~self.done & (rel < self.epsilon)
+        self.loops_run[newly] = t + 1
+        self.done |= newly
+        return h_next
+
+    def all_done(self) -> bool:
+        return bool(self.done.all())

@@ -1,0 +1,85 @@
+"""FLOPs per token of a looped model, for model-FLOPs and hardware-FLOPs utilisation.
+
+Counting (matrix multiplies only; norms, rotary, softmax and elementwise work are ignored, as usual):
+- a matmul with an n x m weight costs 2 n m FLOPs per token forward and twice that backward (input and weight
+  gradients), so a backpropagated pass costs 3x its forward;
+- attention scores and values cost 4 * seq * d_q per token per layer for the full T x T products; with the default
+  `attention="causal"` only half is counted (2 * seq * d_q), since a query attends on average to half the
+  sequence and flash kernels skip the masked blocks; `attention="full"` counts the full square (PaLM-style MFU,
+  and what a math-kernel FLOP counter measures);
+- loops under no_grad (truncated backprop) cost their forward only; the last `backprop_loops` cost 3x;
+- activation checkpointing adds one more forward of what it recomputes: each backpropagated loop ("loop"), or
+  every backpropagated layer ("layer"); with more than one loss-feeding loop the loss heads (coda + head) are
+  recomputed too.
+model_flops = what the maths needs (forward-only loops 1x, the rest 3x); hardware_flops = model_flops +
+recomputation (what the device executes). Both per token; multiply by tokens per second over peak FLOP/s for MFU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pretrain.models.config import ModelConfig, mlp_hidden, padded_vocab, resolve_switches
+
+
+@dataclass(frozen=True)
+class FlopsBreakdown:
+    seq_len: int
+    loops: int
+    backprop_loops: int
+    loss_loops: int
+    attention: str  # "causal" (half the T x T products counted) or "full"
+    layer_forward: float  # one layer, forward (projections + MLP + attention)
+    attention_forward: float  # the attention-products part of layer_forward
+    core_forward: float  # one loop: n_core layers + injection, forward
+    prelude_forward: float
+    head_forward: float  # coda + output head, once per loss-feeding loop, forward
+    forward_only: float  # loops under no_grad
+    backprop: float  # prelude, backpropagated loops and loss heads: forward + backward
+    recompute: float  # activation-checkpoint re-forwards
+    model_flops: float
+    hardware_flops: float
+
+
+def flops_per_token(model_cfg: ModelConfig, seq_len: int, loops: int, backprop_loops: int = 0,
+                    activation_checkpointing: str = "none", *, vocab_size: int = 0, loss_loops: int = 1,
+                    attention: str = "causal") -> FlopsBreakdown:
+    """FLOPs per token of one training step (forward + backward). `backprop_loops` 0 = all; `vocab_size` is used
+    when model.vocab_size is 0; `loss_loops` = loops feeding the loss (1 for loss_on: last)."""
+    vocab = model_cfg.vocab_size or vocab_size
+    if vocab <= 0:
+        raise ValueError("vocabulary size unknown: set model.vocab_size or pass vocab_size")
+    if attention not in ("causal", "full"):
+        raise ValueError(f"attention must be causal or full, not {attention!r}")
+    sw, d = resolve_switches(model_cfg), model_cfg.d_model
+    hd, n_kv = d // model_cfg.n_heads, model_cfg.n_kv_heads or model_cfg.n_heads
+    d_q, d_kv = model_cfg.n_heads * hd, n_kv * hd
+    k = loops if backprop_loops <= 0 else min(backprop_loops, loops)
+    n_loss = max(1, min(loss_loops, k))
+
+    attn = 4 * seq_len * d_q * (0.5 if attention == "causal" else 1.0)
+    proj = 2 * (d * d_q + 2 * d * d_kv + d_q * d)
+    mlp = 2 * (3 if model_cfg.mlp == "swiglu" else 2) * d * mlp_hidden(model_cfg)
+    layer = proj + mlp + attn
+    inject = {"concat": 2 * 2 * d * d, "parcae": 2 * d * d}.get(sw.injection, 0)
+    core = model_cfg.n_core * layer + inject
+    prelude = model_cfg.n_prelude * layer
+    head = model_cfg.n_coda * layer + 2 * d * padded_vocab(vocab)
+
+    forward_only = (loops - k) * core
+    backprop = 3 * (prelude + k * core + n_loss * head)
+    heads_recomputed = n_loss * head if n_loss > 1 else 0.0
+    if activation_checkpointing == "loop":
+        recompute = k * core + heads_recomputed
+    elif activation_checkpointing == "layer":
+        coda = heads_recomputed if n_loss > 1 else n_loss * model_cfg.n_coda * layer
+        recompute = prelude + k * model_cfg.n_core * layer + coda
+    elif activation_checkpointing == "none":
+        recompute = 0.0
+    else:
+        raise ValueError(f"activation_checkpointing must be none, loop or layer, not {activation_checkpointing!r}")
+    model_flops = forward_only + backprop
+    return FlopsBreakdown(seq_len=seq_len, loops=loops, backprop_loops=k, loss_loops=n_loss, attention=attention,
+                          layer_forward=layer, attention_forward=attn, core_forward=core, prelude_forward=prelude,
+                          head_forward=head, forward_only=forward_only, backprop=backprop, recompute=recompute,
+                          model_flops=model_flops, hardware_flops=model_flops + recompute)

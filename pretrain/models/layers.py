@@ -1,0 +1,237 @@
+"""Transformer building blocks on megatron-core's tensor-parallel layers: RMSNorm, rotary embeddings, causal
+attention through torch SDPA, MLPs (SwiGLU, ReLU^2), and the layer that combines them (pre-norm or sandwich).
+
+Tensor parallelism (Megatron style): Q/K/V and MLP up/gate projections are column-parallel (each rank holds
+a slice of the heads / hidden units), output projections are row-parallel (their all-reduce returns a full,
+replicated hidden state). Every rank sees the whole residual stream, so norms, rotary and everything in
+`injection.py` are plain replicated modules. Each sublayer input enters the TP region through one explicit
+`copy_to_tensor_model_parallel_region` (identity forward, all-reduce of the input gradient backward), shared
+by the projections that read it (one all-reduce for Q, K and V instead of three).
+
+Parameters are created on the CPU with megatron's `use_cpu_initialization`: the full master matrix is drawn
+from the default torch RNG and split, so the unsharded initial weights are identical for every TP size given
+the same seed (on GPU too; the model is moved to the device afterwards). Nothing here draws random numbers in
+forward (no dropout), so activation checkpointing needs no RNG bookkeeping.
+
+Tensors are [batch, seq, d_model] (megatron's linears accept any 3-D layout); attention runs on
+[batch, heads, seq, head_dim] through `F.scaled_dot_product_attention` (flash kernels on CUDA when no explicit
+mask is needed).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from megatron.core import ModelParallelConfig
+from megatron.core import parallel_state as ps
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel.layers import set_defaults_if_not_set_tensor_model_parallel_attributes
+from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
+from torch import nn
+
+from pretrain.models.config import ModelConfig, mlp_hidden
+
+NORM_EPS = 1e-6
+
+
+def tp_world() -> int:
+    return ps.get_tensor_model_parallel_world_size()
+
+
+def tp_group():
+    return ps.get_tensor_model_parallel_group()
+
+
+def parallel_config(dtype: torch.dtype) -> ModelParallelConfig:
+    """The settings under which megatron's parallel layers work on CPU (gloo) and GPU alike."""
+    return ModelParallelConfig(tensor_model_parallel_size=tp_world(), use_cpu_initialization=True,
+                               perform_initialization=True, params_dtype=dtype,
+                               gradient_accumulation_fusion=False, sequence_parallel=False)
+
+
+def normal_init(std: float):
+    return partial(nn.init.normal_, mean=0.0, std=std)
+
+
+def replicated(p: nn.Parameter) -> nn.Parameter:
+    """Mark a parameter as identical on every TP rank (megatron's default attributes)."""
+    set_defaults_if_not_set_tensor_model_parallel_attributes(p)
+    return p
+
+
+def sharded(p: nn.Parameter, dim: int) -> nn.Parameter:
+    """Mark a parameter as split across TP ranks along `dim` (as megatron's own layers do)."""
+    p.tensor_model_parallel, p.partition_dim, p.partition_stride = True, dim, 1
+    return p
+
+
+def to_tp(x: torch.Tensor) -> torch.Tensor:
+    """Enter the tensor-parallel region: identity forward, all-reduce of the gradient backward."""
+    return copy_to_tensor_model_parallel_region(x, group=tp_group())
+
+
+# --- norms and rotary ----------------------------------------------------------------------------------
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last dim, with or without a learnable scale (the FLT recipes use none)."""
+
+    def __init__(self, dim: int, affine: bool = True, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.dim = dim
+        self.weight = replicated(nn.Parameter(torch.ones(dim, dtype=dtype))) if affine else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (self.dim,), self.weight, NORM_EPS)
+
+
+def rms_norm(x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.shape[-1],), None, NORM_EPS)
+
+
+class HeadNorm(nn.Module):
+    """QK-norm: RMSNorm over head_dim with one scale vector per head. Per-head scales shard with the heads,
+    so their gradients need no TP all-reduce (a scale shared by all heads would)."""
+
+    def __init__(self, n_local_heads: int, head_dim: int, affine: bool, dtype: torch.dtype):
+        super().__init__()
+        self.head_dim = head_dim
+        self.weight = (sharded(nn.Parameter(torch.ones(n_local_heads, head_dim, dtype=dtype)), 0)
+                       if affine else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, H, T, hd]
+        x = F.rms_norm(x, (self.head_dim,), None, NORM_EPS)
+        return x if self.weight is None else x * self.weight[:, None, :]
+
+
+def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos, sin of shape [T, head_dim / 2] for the given absolute positions (computed in fp64: the table is
+    small, and large positions times frequencies lose digits in fp32)."""
+    inv_freq = theta ** -(torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float64) / head_dim)
+    angles = positions.double()[:, None] * inv_freq[None, :]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotate pairs (x_i, x_{i + hd/2}) by position-dependent angles; x is [B, H, T, hd]."""
+    cos, sin = rope
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+
+
+# --- attention and MLP -----------------------------------------------------------------------------------
+
+class Attention(nn.Module):
+    """Causal multi-head (or grouped-query) attention. Queries may come from a different tensor than keys and
+    values (the FLT family reads queries from the previous loop); with neither, it is ordinary self-attention."""
+
+    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, affine: bool, out_std: float):
+        super().__init__()
+        tp, d = tp_world(), cfg.d_model
+        n_kv = cfg.n_kv_heads or cfg.n_heads
+        if cfg.n_heads % tp or n_kv % tp:
+            raise ValueError(f"n_heads = {cfg.n_heads} and n_kv_heads = {n_kv} must be divisible by TP = {tp}")
+        self.head_dim = d // cfg.n_heads
+        self.n_local, self.n_local_kv = cfg.n_heads // tp, n_kv // tp
+        col = partial(ColumnParallelLinear, config=mp, init_method=normal_init(cfg.init_std), bias=False,
+                      disable_grad_reduce=True, tp_group=tp_group())  # gradient all-reduce: once, in to_tp()
+        self.wq = col(d, cfg.n_heads * self.head_dim)
+        self.wk = col(d, n_kv * self.head_dim)
+        self.wv = col(d, n_kv * self.head_dim)
+        self.wo = RowParallelLinear(cfg.n_heads * self.head_dim, d, config=mp, init_method=normal_init(out_std),
+                                    bias=False, input_is_parallel=True, skip_bias_add=False, tp_group=tp_group())
+        self.q_norm = HeadNorm(self.n_local, self.head_dim, affine, mp.params_dtype) if cfg.qk_norm else None
+        self.k_norm = HeadNorm(self.n_local_kv, self.head_dim, affine, mp.params_dtype) if cfg.qk_norm else None
+
+    def forward(self, x_q: torch.Tensor, x_kv: torch.Tensor, rope, mask: torch.Tensor | None = None,
+                kv_cache=None) -> torch.Tensor:
+        """`mask`: None = causal with queries aligned to the last keys; else a boolean [B or 1, 1, Tq, Tk]
+        (True = may attend). `kv_cache`: a `generate.LayerKV` that appends this call's keys/values."""
+        B, T, _ = x_q.shape
+        kv_in = to_tp(x_kv)
+        q_in = kv_in if x_q is x_kv else to_tp(x_q)
+        q = self.wq(q_in)[0].view(B, T, self.n_local, self.head_dim).transpose(1, 2)
+        k = self.wk(kv_in)[0].view(B, T, self.n_local_kv, self.head_dim).transpose(1, 2)
+        v = self.wv(kv_in)[0].view(B, T, self.n_local_kv, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, rope), apply_rotary(k, rope)
+        if kv_cache is not None:
+            k, v = kv_cache.update(k, v)
+        # a single query (decode) attends to every cached key: no mask; T queries on T keys: causal
+        causal = mask is None and T > 1
+        if mask is None and T > 1 and k.shape[2] != T:
+            raise ValueError("a multi-token chunk after cached tokens needs an explicit mask")
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           enable_gqa=self.n_local_kv != self.n_local)
+        return self.wo(y.transpose(1, 2).reshape(B, T, self.n_local * self.head_dim))[0]
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate x) * up x); ReLU^2: down(relu(up x)^2). Bias-free."""
+
+    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, out_std: float):
+        super().__init__()
+        hidden, tp = mlp_hidden(cfg), tp_world()
+        if hidden % tp:
+            raise ValueError(f"MLP width {hidden} is not divisible by TP = {tp}")
+        col = partial(ColumnParallelLinear, config=mp, init_method=normal_init(cfg.init_std), bias=False,
+                      disable_grad_reduce=True, tp_group=tp_group())
+        self.kind = cfg.mlp
+        self.w_up = col(cfg.d_model, hidden)
+        self.w_gate = col(cfg.d_model, hidden) if cfg.mlp == "swiglu" else None
+        self.w_down = RowParallelLinear(hidden, cfg.d_model, config=mp, init_method=normal_init(out_std), bias=False,
+                                        input_is_parallel=True, skip_bias_add=False, tp_group=tp_group())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = to_tp(x)
+        if self.kind == "swiglu":
+            h = F.silu(self.w_gate(x)[0]) * self.w_up(x)[0]
+        else:
+            h = F.relu(self.w_up(x)[0]).square()
+        return self.w_down(h)[0]
+
+
+# --- the layer --------------------------------------------------------------------------------------------
+
+class Layer(nn.Module):
+    """One transformer layer.
+
+    pre-norm:  x = x + attn(n1 x);      x = x + mlp(n3 x)
+    sandwich:  x = n2(x + attn(n1 x));  x = n4(x + mlp(n3 x))     (the output is always normalised)
+
+    (n1 attn_norm, n2 attn_out_norm, n3 mlp_norm, n4 mlp_out_norm.)
+
+    Optional inputs from the loop: `query` (queries read n1(query) instead of n1(x): FLT) and `recall` (the
+    input embedding added to the stream before the layer, before the MLP, or both: internal recall).
+    """
+
+    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, *, norm: str, affine: bool, out_std: float,
+                 recall_at: str = "none"):
+        super().__init__()
+        d, dtype = cfg.d_model, mp.params_dtype
+        self.recall_at = recall_at
+        self.attn_norm = RMSNorm(d, affine, dtype)
+        self.attn = Attention(cfg, mp, affine, out_std)
+        self.mlp_norm = RMSNorm(d, affine, dtype)
+        self.mlp = MLP(cfg, mp, out_std)
+        sandwich = norm == "sandwich"
+        self.attn_out_norm = RMSNorm(d, affine, dtype) if sandwich else None
+        self.mlp_out_norm = RMSNorm(d, affine, dtype) if sandwich else None
+
+    def forward(self, x: torch.Tensor, rope, *, mask: torch.Tensor | None = None, query: torch.Tensor | None = None,
+                recall: torch.Tensor | None = None, kv_cache=None) -> torch.Tensor:
+        if recall is not None and self.recall_at in ("layer", "sublayer"):
+            x = x + recall
+        kv_in = self.attn_norm(x)
+        q_in = kv_in if query is None else self.attn_norm(query)
+        x = x + self.attn(q_in, kv_in, rope, mask, kv_cache)
+        if self.attn_out_norm is not None:
+            x = self.attn_out_norm(x)
+        if recall is not None and self.recall_at in ("mlp", "sublayer"):
+            x = x + recall
+        x = x + self.mlp(self.mlp_norm(x))
+        if self.mlp_out_norm is not None:
+            x = self.mlp_out_norm(x)
+        return x

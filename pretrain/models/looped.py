@@ -1,0 +1,331 @@
+"""The looped language model: embedding -> prelude -> core block x loops -> coda -> norm -> head.
+
+    e = Prelude(E(x))                      # n_prelude ordinary layers
+    h = h_0(e)                             # zeros | e | noise (None when every loop restarts from e)
+    for t in 1..loops:                     # the same n_core layers every time
+        h = outer_norm(Core(enter(h, e)))  # injection.py says how h and e meet
+    logits = Head(Norm(Coda(h)))
+
+`LoopedLM.forward(tokens, labels, loops=, backprop_loops=, diagnostics=, doc_ids=, exit_epsilon=)`:
+- loss: mean cross-entropy over the tokens (labels < 0 ignored) of every loss-feeding loop (`loop.loss_on`: the
+  last, all, or the last third; loops outside the truncated-backprop window never feed the loss), averaged over
+  those loops. Computed with megatron's `vocab_parallel_cross_entropy`, so the vocabulary stays sharded and the
+  value is identical on every TP rank.
+- logits: this rank's vocabulary shard [B, T, V_padded / tp] of the final state, soft-capped, padding ids at
+  -inf. Only returned when no labels are given (or with return_logits=True): the loss path never materialises
+  a second copy of the logits.
+- truncated backprop: only the last `backprop_loops` loops build a graph (0 = all); earlier loops run under
+  no_grad, and the state they hand on is a constant.
+- activation checkpointing ("loop" or "layer", set at build): non-reentrant torch.utils.checkpoint around each
+  grad-carrying loop iteration or each layer, so activation memory does not grow with the loop count; with
+  several loss-feeding loops each loss head (coda + head + cross-entropy) is checkpointed too.
+- diagnostics=True: a `LoopDiagnostics` (per-loop state norms, relative change, gradient norm reaching each
+  loop; the gradient norms are filled in by backward hooks when backward runs).
+- exit_epsilon (inference): a sequence stops looping once ||h_t - h_{t-1}|| / ||h_{t-1}|| < epsilon (its state is
+  frozen, later loops leave it unchanged; the batch stops when all have exited); `exit_loops` says where each
+  stopped. The loss, if labels are given, is taken on the final states.
+- cache (inference): a `generate.KVCache`; `tokens` are then the next chunk after the cached positions.
+- random h_0 (Huginn, Parcae): fresh truncated-normal noise every call in training mode, from a generator seeded
+  at build (identical on every TP rank; its state is not in the state_dict, so a resumed run draws new noise);
+  in eval mode a fixed function of position, so evaluation is deterministic and the KV cache exact.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding, vocab_parallel_cross_entropy
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from pretrain.models.config import LoopConfig, ModelConfig, Switches, mlp_hidden, padded_vocab, resolve_switches
+from pretrain.models.diagnostics import EarlyExit, LoopDiagnostics, Recorder
+from pretrain.models.generate import KVCache, generate
+from pretrain.models.injection import Concat, Injection, Parcae, init_state
+from pretrain.models.layers import HeadNorm, Layer, RMSNorm, normal_init, parallel_config, rotary_tables, tp_group
+
+
+@dataclass
+class LoopedOutput:
+    loss: torch.Tensor | None
+    logits: torch.Tensor | None
+    diagnostics: LoopDiagnostics | None = None
+    exit_loops: torch.Tensor | None = None  # [B] loops each sequence ran (early exit only)
+
+
+@dataclass
+class _Context:
+    """What every layer of one forward shares: rotary tables, attention mask, KV cache, loop count."""
+
+    rope: tuple[torch.Tensor, torch.Tensor]
+    positions: torch.Tensor
+    mask: torch.Tensor | None
+    cache: KVCache | None
+    loops: int
+
+
+class LoopedLM(nn.Module):
+    """The looped LM; see the module docstring for the forward contract. Build it with `build_model`."""
+
+    def __init__(self, cfg: ModelConfig, loop_cfg: LoopConfig, vocab_size: int, *,
+                 activation_checkpointing: str = "none", dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if activation_checkpointing not in ("none", "loop", "layer"):
+            raise ValueError(f"activation_checkpointing must be none, loop or layer, not {activation_checkpointing!r}")
+        self.cfg, self.loop_cfg = cfg, loop_cfg
+        self.switches: Switches = resolve_switches(cfg)
+        self.activation_checkpointing = activation_checkpointing
+        self.vocab_size = vocab_size
+        sw, d, mp = self.switches, cfg.d_model, parallel_config(dtype)
+        out_std = cfg.init_std / math.sqrt(2 * (cfg.n_prelude + cfg.n_core + cfg.n_coda))
+
+        # construction order fixes the RNG stream: keep it independent of TP
+        self.embed = VocabParallelEmbedding(padded_vocab(vocab_size), d, init_method=normal_init(cfg.init_std),
+                                            config=mp, tp_group=tp_group())
+        layer = partial(Layer, cfg, mp, norm=sw.norm, affine=sw.norm_affine, out_std=out_std)
+        self.prelude = nn.ModuleList(layer() for _ in range(cfg.n_prelude))
+        self.core = nn.ModuleList(layer(recall_at=sw.internal_recall) for _ in range(cfg.n_core))
+        self.coda = nn.ModuleList(layer() for _ in range(cfg.n_coda))
+        self.injection = Injection(sw, d, cfg.n_core, cfg.init_std, dtype)
+        self.outer_norm = RMSNorm(d, sw.norm_affine, dtype) if sw.outer_norm else None
+        self.norm = RMSNorm(d, sw.norm_affine, dtype)
+        self.lm_head = ColumnParallelLinear(d, padded_vocab(vocab_size), config=mp, bias=False,
+                                            init_method=normal_init(cfg.init_std),
+                                            skip_weight_param_allocation=cfg.tie_embeddings, tp_group=tp_group())
+        # the random initial state has its own generator, seeded from the default RNG (same on every TP rank)
+        self._noise_seed = int(torch.randint(0, 2**62, ()).item())
+        self._noise_gen: torch.Generator | None = None
+        self._eval_noise = torch.empty(0, d)
+
+    # --- the forward pass -------------------------------------------------------------------------------------
+
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None, *, loops: int | None = None,
+                backprop_loops: int | None = None, diagnostics: bool = False, doc_ids: torch.Tensor | None = None,
+                exit_epsilon: float | None = None, loss_on: str | None = None, return_logits: bool = False,
+                cache: KVCache | None = None) -> LoopedOutput:
+        n = loops or self.cfg.loops
+        k = self.loop_cfg.backprop_loops if backprop_loops is None else backprop_loops
+        k = n if k <= 0 else min(k, n)
+        if cache is not None and (cache.loops != n or exit_epsilon is not None or doc_ids is not None):
+            raise ValueError(f"a KV cache allocated for {cache.loops} loops serves exactly that loop count, "
+                             "without early exit or document masks")
+        ctx = self._context(tokens, doc_ids, cache, n)
+        e = self.injection.prepare(self._prelude(tokens, ctx))
+        h = init_state(self.switches, e, self._initial_noise(e, ctx), self.outer_norm)
+
+        loss_loops = set() if labels is None or exit_epsilon is not None else self._loss_loops(n, k, loss_on)
+        recorder = Recorder(n) if diagnostics else None
+        early_exit = EarlyExit(exit_epsilon, tokens.shape[0], n, tokens.device) if exit_epsilon is not None else None
+        grad_on, losses = torch.is_grad_enabled(), []
+
+        for t in range(n):
+            with torch.set_grad_enabled(grad_on and t >= n - k):  # truncated backprop: early loops build no graph
+                h_next, pre_norm = self._loop(t, h, e, ctx)
+            if recorder is not None:
+                recorder.record(t, h, h_next, pre_norm)
+            if early_exit is not None:
+                h_next = early_exit.step(t, h, h_next)
+            h = h_next
+            if t + 1 in loss_loops:
+                losses.append(self._loss_head(h, labels, ctx, checkpointed=len(loss_loops) > 1))
+            if early_exit is not None and early_exit.all_done():
+                break
+
+        if labels is not None and early_exit is not None:
+            losses.append(self._loss_head(h, labels, ctx, checkpointed=False))
+        logits = self._logits(h, ctx) if labels is None or return_logits else None
+        if cache is not None:
+            cache.advance(tokens.shape[1])
+        return LoopedOutput(loss=torch.stack(losses).mean() if losses else None, logits=logits,
+                            diagnostics=recorder.finish(self.injection.diagnostics()) if recorder else None,
+                            exit_loops=early_exit.loops_run if early_exit else None)
+
+    def _loop(self, t: int, h: torch.Tensor | None, e: torch.Tensor, ctx: _Context):
+        # checkpoints keep only their inputs (the loop state); nothing inside a loop draws random numbers (no
+        # dropout, h_0 noise is drawn before the loop), so there is no RNG state to preserve for recomputation
+        if self.activation_checkpointing == "loop" and torch.is_grad_enabled():
+            return checkpoint(self._iterate, t, h, e, ctx, use_reentrant=False, preserve_rng_state=False)
+        return self._iterate(t, h, e, ctx)
+
+    def _iterate(self, t: int, h: torch.Tensor | None, e: torch.Tensor, ctx: _Context):
+        """One pass through the core block: loop state in, next loop state out (and its value before the outer
+        norm, for diagnostics)."""
+        x = self.injection.enter(h, e)
+        recall = self.injection.recall(e)
+        for i, layer in enumerate(self.core):
+            x, query = self.injection.at_layer(i, x, h)
+            slot = len(self.prelude) + t * len(self.core) + i
+            x = self._layer(layer, x, ctx, slot, query=query, recall=recall)
+        return (self.outer_norm(x) if self.outer_norm is not None else x), x
+
+    def _layer(self, layer: Layer, x: torch.Tensor, ctx: _Context, slot: int, checkpointed: bool = True, **kw):
+        kv = ctx.cache.layer(slot) if ctx.cache is not None else None
+        if checkpointed and self.activation_checkpointing == "layer" and torch.is_grad_enabled():
+            return checkpoint(layer, x, ctx.rope, mask=ctx.mask, kv_cache=kv, use_reentrant=False,
+                              preserve_rng_state=False, **kw)
+        return layer(x, ctx.rope, mask=ctx.mask, kv_cache=kv, **kw)
+
+    def _prelude(self, tokens: torch.Tensor, ctx: _Context) -> torch.Tensor:
+        x = self.embed(tokens)
+        if self.switches.embed_scale:
+            x = x * math.sqrt(self.cfg.d_model)
+        for i, layer in enumerate(self.prelude):
+            x = self._layer(layer, x, ctx, i)
+        return x
+
+    def _logits(self, h: torch.Tensor, ctx: _Context, checkpointed: bool = True) -> torch.Tensor:
+        """Coda -> final norm -> head on this rank's vocabulary shard, soft-capped, padding ids at -inf."""
+        first = len(self.prelude) + ctx.loops * len(self.core)
+        for j, layer in enumerate(self.coda):
+            h = self._layer(layer, h, ctx, first + j, checkpointed)
+        weight = self.embed.weight if self.cfg.tie_embeddings else None
+        logits = self.lm_head(self.norm(h), weight=weight)[0]
+        c = self.cfg.logit_softcap
+        if c > 0:
+            logits = c * torch.tanh(logits / c)
+        pad = self._padding_mask(logits)
+        return logits if pad is None else logits.masked_fill(pad, float("-inf"))
+
+    def _loss_head(self, h: torch.Tensor, labels: torch.Tensor, ctx: _Context, checkpointed: bool) -> torch.Tensor:
+        if checkpointed and self.activation_checkpointing != "none" and torch.is_grad_enabled():
+            # several loss loops would each keep a [B, T, V/tp] softmax alive: recompute instead
+            return checkpoint(self._loss_of, h, labels, ctx, False, use_reentrant=False, preserve_rng_state=False)
+        return self._loss_of(h, labels, ctx, True)
+
+    def _loss_of(self, h, labels, ctx, layer_ckpt: bool) -> torch.Tensor:
+        logits = self._logits(h, ctx, layer_ckpt).float()  # the cross-entropy runs in fp32 (in place)
+        valid = labels >= 0
+        ce = vocab_parallel_cross_entropy(logits, labels.clamp_min(0))
+        return (ce * valid).sum() / valid.sum().clamp_min(1)
+
+    # --- helpers ----------------------------------------------------------------------------------------------
+
+    def _loss_loops(self, n: int, k: int, loss_on: str | None) -> set[int]:
+        """1-based loops feeding the loss: the chosen ones among those that carry gradient (the last k)."""
+        mode = loss_on or self.loop_cfg.loss_on
+        if mode == "last":
+            chosen = {n}
+        elif mode == "all":
+            chosen = set(range(1, n + 1))
+        elif mode == "last_third":
+            chosen = set(range(n - math.ceil(n / 3) + 1, n + 1))
+        else:
+            raise ValueError(f"loss_on must be last, all or last_third, not {mode!r}")
+        return {t for t in chosen if t > n - k}
+
+    def _context(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None, cache: KVCache | None,
+                 loops: int) -> _Context:
+        B, T = tokens.shape
+        start = cache.pos if cache is not None else 0
+        positions = torch.arange(start, start + T, device=tokens.device)
+        rope = rotary_tables(positions, self.cfg.d_model // self.cfg.n_heads, self.cfg.rope_theta,
+                             self.embed.weight.dtype)
+        mask = None
+        if doc_ids is not None:  # attend only within the same document (packed sequences)
+            causal = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()
+            mask = ((doc_ids[:, :, None] == doc_ids[:, None, :]) & causal)[:, None]
+        elif start > 0 and T > 1:  # a chunk after cached tokens: causal with an offset
+            mask = torch.ones(T, start + T, dtype=torch.bool, device=tokens.device).tril(start)[None, None]
+        return _Context(rope=rope, positions=positions, mask=mask, cache=cache, loops=loops)
+
+    def _padding_mask(self, logits: torch.Tensor) -> torch.Tensor | None:
+        local = logits.shape[-1]
+        first = self.embed.vocab_start_index
+        if first + local <= self.vocab_size:
+            return None
+        return torch.arange(first, first + local, device=logits.device) >= self.vocab_size
+
+    def _initial_noise(self, e: torch.Tensor, ctx: _Context) -> torch.Tensor | None:
+        """Truncated-normal h_0 (random state init). Training: fresh noise every call. Eval: a fixed function
+        of position, so evaluation is deterministic and a KV cache reproduces the uncached forward."""
+        sw = self.switches
+        if sw.restart or sw.state_init != "random":
+            return None
+        std = sw.state_init_std
+        if self.training:
+            if self._noise_gen is None or self._noise_gen.device != e.device:
+                self._noise_gen = torch.Generator(device=e.device).manual_seed(self._noise_seed)
+            noise = torch.empty(e.shape, device=e.device, dtype=torch.float32)
+            return nn.init.trunc_normal_(noise, std=std, a=-3 * std, b=3 * std, generator=self._noise_gen)
+        need = int(ctx.positions[-1]) + 1
+        if self._eval_noise.shape[0] < need:  # one seeded row per position: extending keeps earlier rows
+            rows = [self._eval_noise]
+            for p in range(self._eval_noise.shape[0], need):
+                gen = torch.Generator().manual_seed((self._noise_seed + 7919 * p) % 2**63)
+                rows.append(nn.init.trunc_normal_(torch.empty(1, e.shape[-1]), std=std, a=-3 * std, b=3 * std,
+                                                  generator=gen))
+            self._eval_noise = torch.cat(rows)
+        return self._eval_noise[ctx.positions.cpu()].to(e.device).expand(e.shape)
+
+    @torch.no_grad()
+    def generate(self, tokens: torch.Tensor, max_new_tokens: int, *, loops: int | None = None,
+                 use_cache: bool = True, temperature: float = 0.0, seed: int = 0) -> torch.Tensor:
+        """Greedy (temperature 0) or sampled continuation; see generate.py for the cache design."""
+        return generate(self, tokens, max_new_tokens, loops=loops, use_cache=use_cache, temperature=temperature,
+                        seed=seed)
+
+
+# --- building, parameter roles, counting ----------------------------------------------------------------------
+
+def build_model(model_cfg: ModelConfig, loop_cfg: LoopConfig, vocab_size: int, *,
+                activation_checkpointing: str = "none", dtype: torch.dtype = torch.float32,
+                device: torch.device | str | None = None) -> LoopedLM:
+    """The looped LM for `model_cfg` (vocabulary: model.vocab_size, else `vocab_size`). Call after
+    `init_distributed(tp, seed)`: the default RNG must be seeded identically on every rank. Parameters are
+    initialised on the CPU and moved to `device` (default: the current CUDA device, else CPU)."""
+    vocab = model_cfg.vocab_size or vocab_size
+    if vocab <= 0:
+        raise ValueError("vocabulary size unknown: set model.vocab_size or pass the tokenizer's")
+    model = LoopedLM(model_cfg, loop_cfg, vocab, activation_checkpointing=activation_checkpointing, dtype=dtype)
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+    return model.to(device)
+
+
+def param_roles(model: LoopedLM) -> dict[str, str]:
+    """Each parameter's optimizer role: matrix (2-D block matrices: Muon-eligible, decayed), embedding, head,
+    norm, injection (Parcae / adapter parameters: AdamW, no decay), bias. TP-sharded parameters carry megatron's
+    `tensor_model_parallel` / `partition_dim` attributes."""
+    roles = {}
+    for mod_name, mod in model.named_modules():
+        for p_name, p in mod.named_parameters(recurse=False):
+            name = f"{mod_name}.{p_name}" if mod_name else p_name
+            if isinstance(mod, (RMSNorm, HeadNorm)):
+                role = "norm"
+            elif mod is model.embed:
+                role = "embedding"
+            elif mod is model.lm_head:
+                role = "head"
+            elif isinstance(mod, (Injection, Concat, Parcae)):
+                role = "injection"
+            elif p_name == "bias":
+                role = "bias"
+            elif p.ndim == 2:
+                role = "matrix"
+            else:
+                raise AssertionError(f"parameter {name} has no optimizer role")
+            roles[name] = role
+    return roles
+
+
+def count_parameters(model_cfg: ModelConfig, vocab_size: int) -> int:
+    """Parameters of the model (padded vocabulary included); independent of the loop count and of TP."""
+    sw, d = resolve_switches(model_cfg), model_cfg.d_model
+    vocab = padded_vocab(model_cfg.vocab_size or vocab_size)
+    hd, n_kv = d // model_cfg.n_heads, model_cfg.n_kv_heads or model_cfg.n_heads
+    affine = d if sw.norm_affine else 0
+    attn = 2 * d * model_cfg.n_heads * hd + 2 * d * n_kv * hd
+    qk = (model_cfg.n_heads + n_kv) * hd if model_cfg.qk_norm and sw.norm_affine else 0
+    mlp = (3 if model_cfg.mlp == "swiglu" else 2) * d * mlp_hidden(model_cfg)
+    layer = attn + qk + mlp + (4 if sw.norm == "sandwich" else 2) * affine
+    n_layers = model_cfg.n_prelude + model_cfg.n_core + model_cfg.n_coda
+    inject = {"concat": 2 * d * d, "parcae": d * d + 3 * d}.get(sw.injection, 0)
+    inject += affine * (sw.entry_norm + (model_cfg.n_core if sw.state_inject == "stream_all" else 0))
+    head = 0 if model_cfg.tie_embeddings else vocab * d
+    return vocab * d + n_layers * layer + inject + affine * (1 + sw.outer_norm) + head
+
+
+__all__ = ["LoopedLM", "LoopedOutput", "LoopDiagnostics", "build_model", "param_roles", "count_parameters"]

@@ -1,0 +1,36 @@
+"""Tiny configs and builders shared by the model tests (importable from spawned test processes)."""
+
+from __future__ import annotations
+
+import torch
+
+from pretrain.models.config import RECIPES, LoopConfig, ModelConfig
+
+VARIANTS = list(RECIPES)
+VOCAB = 100  # padded to 128: exercises the padded-vocabulary mask
+
+
+def tiny(variant: str, **kw) -> ModelConfig:
+    """d_model 32, 2 heads, 2 core layers, 3 loops; Huginn and Parcae get a prelude and a coda layer."""
+    base = dict(variant=variant, loops=3, d_model=32, n_heads=2, n_core=2, logit_softcap=15.0)
+    if variant in ("huginn", "parcae"):
+        base.update(n_prelude=1, n_coda=1, mlp="swiglu")
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def build(cfg: ModelConfig, loop_cfg: LoopConfig | None = None, *, seed: int = 0, vocab: int = VOCAB, **kw):
+    from pretrain.models import build_model
+
+    torch.manual_seed(seed)
+    return build_model(cfg, loop_cfg or LoopConfig(), vocab, **kw)
+
+
+def batch(B: int = 2, T: int = 16, vocab: int = VOCAB, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, vocab, (B, T + 1), generator=g)
+    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+
+def grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}

@@ -1,0 +1,141 @@
+"""An independent plain-torch reference of the looped variants, written from the equations of the design note
+(looped-models.md), not from the model code: manual RMSNorm, rotary, softmax attention, MLPs.
+It reads a dict of plain tensors taken from a TP=1 model's parameters (by name) so the outputs must agree.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+EPS = 1e-6
+
+
+def rms(x, w=None):
+    y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + EPS)
+    return y if w is None else y * w
+
+
+def rotate(x, theta):  # x [B, H, T, hd], positions 0..T-1
+    hd, T = x.shape[-1], x.shape[-2]
+    freqs = 1.0 / theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+    ang = torch.arange(T, dtype=torch.float64)[:, None] * freqs[None]
+    cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
+    a, b = x[..., : hd // 2], x[..., hd // 2:]
+    return torch.cat([a * cos + b * sin, b * cos - a * sin], -1)
+
+
+class Reference:
+    def __init__(self, W: dict[str, torch.Tensor], cfg, vocab: int):
+        self.W, self.cfg, self.vocab = W, cfg, vocab
+        self.hd = cfg.d_model // cfg.n_heads
+        self.n_kv = cfg.n_kv_heads or cfg.n_heads
+
+    def w(self, name):
+        return self.W.get(name)
+
+    def attn(self, p, xq, xkv):
+        B, T, _ = xq.shape
+        W, hd, H, Hkv = self.W, self.hd, self.cfg.n_heads, self.n_kv
+        q = (xq @ W[p + "wq.weight"].T).view(B, T, H, hd).transpose(1, 2)
+        k = (xkv @ W[p + "wk.weight"].T).view(B, T, Hkv, hd).transpose(1, 2)
+        v = (xkv @ W[p + "wv.weight"].T).view(B, T, Hkv, hd).transpose(1, 2)
+        if self.cfg.qk_norm:
+            qw, kw = self.w(p + "q_norm.weight"), self.w(p + "k_norm.weight")
+            q = rms(q, None if qw is None else qw[:, None, :])
+            k = rms(k, None if kw is None else kw[:, None, :])
+        q, k = rotate(q, self.cfg.rope_theta), rotate(k, self.cfg.rope_theta)
+        k, v = k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(hd)
+        scores = scores.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+        y = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, H * hd)
+        return y @ W[p + "wo.weight"].T
+
+    def mlp(self, p, x):
+        W = self.W
+        if self.cfg.mlp == "swiglu":
+            g = x @ W[p + "w_gate.weight"].T
+            h = g * torch.sigmoid(g) * (x @ W[p + "w_up.weight"].T)
+        else:
+            h = torch.relu(x @ W[p + "w_up.weight"].T) ** 2
+        return h @ W[p + "w_down.weight"].T
+
+    def layer(self, p, x, *, q_src=None, sandwich=False, recall=None):
+        if recall is not None:
+            x = x + recall
+        n1 = rms(x, self.w(p + "attn_norm.weight"))
+        q_in = n1 if q_src is None else rms(q_src, self.w(p + "attn_norm.weight"))
+        x = x + self.attn(p + "attn.", q_in, n1)
+        if sandwich:
+            x = rms(x, self.w(p + "attn_out_norm.weight"))
+        x = x + self.mlp(p + "mlp.", rms(x, self.w(p + "mlp_norm.weight")))
+        if sandwich:
+            x = rms(x, self.w(p + "mlp_out_norm.weight"))
+        return x
+
+    def stack(self, prefix, n, x, **kw):
+        for i in range(n):
+            x = self.layer(f"{prefix}.{i}.", x, **kw)
+        return x
+
+    def logits(self, tokens, variant: str, loops: int, backprop_loops: int = 0):
+        """Logits [B, T, vocab] of `variant` (huginn/parcae with h_0 = 0); loops before the last
+        `backprop_loops` run without gradient."""
+        cfg, W = self.cfg, self.W
+        sandwich = variant == "huginn"
+        e = W["embed.weight"][tokens]
+        if variant == "huginn":
+            e = e * math.sqrt(cfg.d_model)
+        e = self.stack("prelude", cfg.n_prelude, e, sandwich=sandwich)
+        if variant == "parcae":
+            e = rms(e, W["injection.e_norm.weight"])
+        k = backprop_loops or loops
+        h = None
+        for t in range(loops):
+            with torch.set_grad_enabled(t >= loops - k):
+                h = self.loop(variant, t, h, e, sandwich)
+            if t < loops - k:
+                h = h.detach()
+        y = rms(self.stack("coda", cfg.n_coda, h, sandwich=sandwich), self.w("norm.weight"))
+        head = W["embed.weight"] if cfg.tie_embeddings else W["lm_head.weight"]
+        z = y @ head.T
+        if cfg.logit_softcap:
+            z = cfg.logit_softcap * torch.tanh(z / cfg.logit_softcap)
+        return z[..., : self.vocab]
+
+    def loop(self, variant, t, h, e, sandwich):
+        """One loop, straight from the design note's equations."""
+        n, W = self.cfg.n_core, self.W
+        first = h is None
+        if variant == "looped":  # h_0 = e, h_t = B(h)
+            return self.stack("core", n, e if first else h)
+        if variant == "lt":  # loop 1 from norm(e), then from h^(t-1) = norm(out)
+            return rms(self.stack("core", n, rms(e) if first else h))
+        if variant == "lt_i":  # norm(e + h^(t-1)), h^(0) = 0
+            return rms(self.stack("core", n, rms(e if first else e + h)))
+        if variant in ("lt_ia", "flt", "flt_res"):  # residual stream restarts from norm(e)
+            x = rms(e)
+            for i in range(n):
+                p = f"core.{i}."
+                if variant == "flt_res":
+                    x = x if first else rms(x + h)
+                    x = self.layer(p, x)
+                else:
+                    inject = not first and (variant == "flt" or i == 0)
+                    x = self.layer(p, x, q_src=h if inject else None)
+            return rms(x)
+        if variant == "recall":  # h_t = Norm(B(h_{t-1} + e)), h_0 = 0
+            return rms(self.stack("core", n, e if first else h + e), W["outer_norm.weight"])
+        if variant == "recall_internal":  # e added before every core layer, outer norm
+            x = torch.zeros_like(e) if first else h
+            return rms(self.stack("core", n, x, recall=e), W["outer_norm.weight"])
+        if variant == "huginn":  # h_t = Core(Adapter([h, e])), sandwich layers
+            hp = torch.zeros_like(e) if first else h
+            return self.stack("core", n, torch.cat([hp, e], -1) @ W["injection.adapter.weight"].T, sandwich=True)
+        if variant == "parcae":  # u = exp(delta A) h + delta B e
+            hp = torch.zeros_like(e) if first else h
+            delta = torch.nn.functional.softplus(W["injection.parcae.dt_bias"])
+            a_bar = torch.exp(-delta * torch.exp(W["injection.parcae.A_log"]))
+            return self.stack("core", n, a_bar * hp + delta * (e @ W["injection.parcae.B"].T))
+        raise ValueError(variant)

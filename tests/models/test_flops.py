@@ -1,0 +1,46 @@
+"""flops_per_token against torch's FLOP counter on the real model (forward + backward, recomputation included).
+The math SDPA kernel is forced so attention is counted (as full T x T products, hence attention="full")."""
+
+import pytest
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from pretrain.models import LoopConfig, flops_per_token
+from tests.models.helpers import VOCAB, batch, build, tiny
+
+CASES = [  # variant, model overrides, loops, backprop loops, checkpointing, loss_on
+    ("flt", {}, 3, 0, "none", "last"),
+    ("recall", {}, 4, 2, "loop", "last"),
+    ("huginn", dict(n_heads=4, n_kv_heads=2), 3, 0, "layer", "last"),
+    ("parcae", {}, 4, 3, "loop", "all"),
+    ("lt_i", dict(n_prelude=1, n_coda=1), 3, 2, "layer", "all"),
+]
+
+
+@pytest.mark.parametrize("variant,kw,loops,k,ckpt,loss_on", CASES)
+def test_flops_match_counted_matmuls(tp1, variant, kw, loops, k, ckpt, loss_on):
+    cfg = tiny(variant, loops=loops, **kw)
+    model = build(cfg, LoopConfig(backprop_loops=k, loss_on=loss_on), activation_checkpointing=ckpt)
+    tokens, labels = batch(B=2, T=16)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(tokens, labels).loss.backward()
+    n_loss = {"last": 1, "all": k or loops}[loss_on]
+    f = flops_per_token(cfg, 16, loops, k, ckpt, vocab_size=VOCAB, loss_loops=n_loss, attention="full")
+    assert counter.get_total_flops() == pytest.approx(f.hardware_flops * tokens.numel(), rel=1e-9)
+    assert f.hardware_flops == f.model_flops + f.recompute
+    assert (f.recompute > 0) == (ckpt != "none")
+
+
+def test_flops_accounting():
+    cfg = tiny("flt", loops=8, d_model=64)
+    full = flops_per_token(cfg, 128, 8, 0, "none", vocab_size=1000)
+    trunc = flops_per_token(cfg, 128, 8, 2, "loop", vocab_size=1000)
+    assert full.forward_only == 0 and full.recompute == 0 and full.hardware_flops == full.model_flops
+    assert trunc.forward_only == 6 * trunc.core_forward  # six loops forward only
+    assert trunc.recompute == 2 * trunc.core_forward  # the two backpropagated loops re-run once
+    assert trunc.model_flops == pytest.approx(full.model_flops - 6 * 2 * full.core_forward)
+    causal = flops_per_token(cfg, 128, 8, 0, "none", vocab_size=1000, attention="causal")
+    fullattn = flops_per_token(cfg, 128, 8, 0, "none", vocab_size=1000, attention="full")
+    assert fullattn.attention_forward == 2 * causal.attention_forward == 4 * 128 * 64
+    with pytest.raises(ValueError, match="vocabulary"):
+        flops_per_token(cfg, 128, 8)
