@@ -217,4 +217,9 @@ def build_engine(model: torch.nn.Module, cfg: Any, env: DistEnv, param_roles: Ma
                                              mpu=MegatronMPU())
     finally:
         optimizer.skip_next_step = False
+    if cfg.parallel.zero_stage == 3:
+        # ZeRO-3 gathers a module's own parameters around its forward/backward; a parameter used by another
+        # module (a tied head reading the embedding) must be registered there, or it is seen partitioned (empty)
+        for module, param in getattr(model, "external_parameters", lambda: [])():
+            deepspeed.zero.register_external_parameter(module, param)
     return Engine(ds_engine, optimizer, guard, cfg, env)

@@ -153,7 +153,8 @@ class Trainer:
 
     def save(self) -> Path:
         rank_state = {"loader": self.train_data.state_dict(), "rng": capture_rng_state(),
-                      "state": asdict(self.state), "guard": self.guard.state_dict()}
+                      "state": asdict(self.state), "guard": self.guard.state_dict(),
+                      "model_noise": self.engine.module.noise_state()}
         path = ckpt.save_checkpoint(self.engine, self.run_dir, self.state.step, rank_state, self._meta(),
                                     keep_last=self.cfg.checkpoint.keep_last,
                                     keep_every=self.cfg.checkpoint.keep_every)
@@ -182,6 +183,7 @@ class Trainer:
         self.guard.load_state_dict(rank_state["guard"])
         if same_layout:
             restore_rng_state(rank_state["rng"])
+            self.engine.module.load_noise_state(rank_state["model_noise"])
         else:
             self.log.message(
                 f"resume: data-parallel size {meta.get('dp')} -> {self.env.dp}: model and optimizer loaded; the "

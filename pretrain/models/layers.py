@@ -20,6 +20,7 @@ mask is needed).
 
 from __future__ import annotations
 
+import warnings
 from functools import partial
 
 import torch
@@ -32,6 +33,10 @@ from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel
 from torch import nn
 
 from pretrain.models.config import ModelConfig, mlp_hidden
+
+# megatron-core 0.16 warns on every linear call that tp_group "will be mandatory" although our layers pass it
+# (its inner autograd function does not forward it); thousands of identical lines per run help nobody.
+warnings.filterwarnings("ignore", message="Warning: tp_group is None", category=DeprecationWarning)
 
 NORM_EPS = 1e-6
 

@@ -238,6 +238,24 @@ class LoopedLM(nn.Module):
             return None
         return torch.arange(first, first + local, device=logits.device) >= self.vocab_size
 
+    def external_parameters(self) -> list[tuple[nn.Module, nn.Parameter]]:
+        """(module, parameter) pairs where a module uses a parameter it does not own: the tied head reads the
+        embedding matrix. ZeRO-3 must be told, or the head sees the embedding still partitioned."""
+        return [(self.lm_head, self.embed.weight)] if self.cfg.tie_embeddings else []
+
+    def noise_state(self) -> dict:
+        """The training-time h_0 noise stream (random state init), so a resumed run draws what an uninterrupted
+        one would; the trainer stores it with each rank's checkpoint state."""
+        return {"seed": self._noise_seed, "gen": None if self._noise_gen is None else self._noise_gen.get_state()}
+
+    def load_noise_state(self, state: dict) -> None:
+        self._noise_seed = state["seed"]
+        self._noise_gen = None
+        if state["gen"] is not None:
+            device = next(self.parameters()).device
+            self._noise_gen = torch.Generator(device=device)
+            self._noise_gen.set_state(state["gen"])
+
     def _initial_noise(self, e: torch.Tensor, ctx: _Context) -> torch.Tensor | None:
         """Truncated-normal h_0 (random state init). Training: fresh noise every call. Eval: a fixed function
         of position, so evaluation is deterministic and a KV cache reproduces the uncached forward."""

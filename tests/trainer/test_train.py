@@ -1,0 +1,153 @@
+"""End-to-end trainer tests: real `loopstack train` processes on CPU (gloo), nothing faked."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from loopstack.errors import EXIT_REQUEUE
+from tests.trainer.conftest import ROOT, losses, run_train, train_cmd
+
+STEPS = ["train.steps=6", "logging.every=1", "checkpoint.every=100", "eval.batches=1", "eval.loops=[1]"]
+
+
+def _rel(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(a), 1e-9)
+
+
+def test_zero_stages_and_tp_match_single_process(smoke_data, tmp_path):
+    """Same global batch (8 sequences) on every layout: ZeRO 0-3 x TP 1-2 on 2-4 processes give the
+    single-process losses to fp32 tolerance."""
+    ref = tmp_path / "ref"
+    run_train(1, ref, smoke_data + STEPS + ["train.micro_batch=8", "parallel.zero_stage=0"])
+    want = losses(ref)
+    assert len(want) == 6
+    layouts = [  # (processes, tp, zero, micro_batch per DP rank)
+        (2, 1, 1, 4), (2, 2, 0, 8), (2, 2, 2, 8), (4, 2, 3, 4),
+    ]
+    for nproc, tp, zero, mb in layouts:
+        run = tmp_path / f"n{nproc}-tp{tp}-z{zero}"
+        run_train(nproc, run, smoke_data + STEPS + [f"parallel.tp={tp}", f"parallel.zero_stage={zero}",
+                                                     f"train.micro_batch={mb}"])
+        got = losses(run)
+        worst = max(_rel(want[s], got[s]) for s in want)
+        assert worst < 1e-4, f"{run.name}: losses differ from single process by {worst:.2e}: {want} vs {got}"
+
+
+def _wait_for_step(metrics: Path, step: int, proc: subprocess.Popen, timeout: float = 240) -> None:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if metrics.exists():
+            steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if line.strip()]
+            if steps and max(steps) >= step:
+                return
+        assert proc.poll() is None, f"training exited early with {proc.returncode}"
+        time.sleep(0.2)
+    raise AssertionError(f"step {step} not reached in {timeout} s")
+
+
+def test_kill9_and_resume_is_bit_identical(smoke_data, tmp_path):
+    flags = smoke_data + ["train.steps=24", "checkpoint.every=8", "logging.every=1", "eval.batches=1",
+                          "eval.loops=[1]"]
+    ref = tmp_path / "ref"
+    run_train(2, ref, flags)
+    cut = tmp_path / "cut"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(train_cmd(2, cut, flags), cwd=ROOT, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for_step(cut / "metrics.jsonl", 13, proc)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    done = sorted(int(p.parent.name) for p in (cut / "checkpoints").glob("*/COMPLETE"))
+    assert done and done[-1] < 24, done
+    # a half-written checkpoint (no COMPLETE mark) newer than the real ones must be ignored
+    fake = cut / "checkpoints" / "23"
+    fake.mkdir(exist_ok=True)
+    (fake / "trainer_state_rank0.pt").write_bytes(b"partial")
+    out = run_train(2, cut, flags, "--resume", "auto")
+    assert f"resumed from {cut}/checkpoints/{done[-1]} at step {done[-1]}" in out.stdout, out.stdout[-2000:]
+    a, b = losses(ref), losses(cut)
+    assert sorted(a) == sorted(b) == list(range(1, 25))
+    assert a == b  # bit-identical, not approximately
+
+
+def test_sigusr1_checkpoints_and_exits_for_requeue(smoke_data, tmp_path):
+    run = tmp_path / "sig"
+    flags = smoke_data + ["train.steps=400", "checkpoint.every=1000", "logging.every=1", "eval.batches=1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(train_cmd(1, run, flags), cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    _wait_for_step(run / "metrics.jsonl", 3, proc)
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_REQUEUE, out[-3000:]
+    latest = int((run / "checkpoints" / "latest").read_text())
+    assert 3 <= latest < 400 and (run / "checkpoints" / str(latest) / "COMPLETE").exists()
+    assert max(losses(run)) == latest  # it stopped right after the checkpointed step
+
+
+def test_bf16_runs_on_cpu(smoke_data, tmp_path):
+    run = tmp_path / "bf16"
+    run_train(1, run, smoke_data + ["train.steps=8", "train.dtype=bf16", "logging.every=1", "eval.batches=1",
+                                    "eval.loops=[1]", "checkpoint.every=4"])
+    got = losses(run)
+    assert len(got) == 8 and all(v == v for v in got.values())
+    assert got[8] < got[1]
+    saved = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved == [4, 8]
+
+
+def test_run_directory_layout(smoke_data, tmp_path):
+    run = tmp_path / "layout"
+    run_train(1, run, smoke_data + ["train.steps=4", "logging.every=2", "checkpoint.every=2",
+                                    "checkpoint.keep_last=1", "eval.loops=[1,2]", "eval.batches=1"])
+    assert (run / "config.yaml").exists()
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4]
+    for key in ("step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "loops"):
+        assert key in records[0], key
+    assert (run / "checkpoints" / "latest").read_text().strip() == "4"
+    kept = sorted(p.name for p in (run / "checkpoints").iterdir() if p.is_dir())
+    assert kept == ["4"]  # keep_last=1, no temporary directory left
+    ev = json.loads((run / "eval" / "latest.json").read_text())
+    assert ev["step"] == 4 and set(ev["loss_vs_loops"]) == {"1", "2"}
+
+
+@pytest.mark.parametrize("bad,needle", [
+    (["--set", "model.loopz=3"], "model.loopz"),
+    (["--resume", "/nonexistent/ckpt"], "not a complete checkpoint"),
+])
+def test_user_errors_are_one_line(smoke_data, tmp_path, bad, needle):
+    out = subprocess.run([*train_cmd(1, tmp_path / "x", smoke_data), *bad], capture_output=True, text=True,
+                         cwd=ROOT, timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert needle in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("variant,extra", [
+    ("huginn", ["model.n_prelude=1", "model.n_coda=1", "loop.sampler=poisson_lognormal", "loop.backprop_loops=2",
+                "loop.max_loops=6"]),
+    ("parcae", ["model.n_prelude=1", "model.n_coda=1", "train.optimizer=muon", "train.muon_lr=0.01"]),
+])
+def test_resume_is_exact_with_random_state_and_sampled_depth(smoke_data, tmp_path, variant, extra):
+    """Random h_0 noise, sampled depth and Muon state all come back from a checkpoint: steps after the resume
+    point repeat the uninterrupted run bit for bit."""
+    flags = smoke_data + [f"model.variant={variant}", "train.steps=8", "checkpoint.every=4", "logging.every=1",
+                          "eval.batches=1", "eval.loops=[1]", "checkpoint.keep_last=5", *extra]
+    ref = tmp_path / "ref"
+    run_train(1, ref, flags)
+    resumed = tmp_path / "resumed"
+    run_train(1, resumed, flags, "--resume", str(ref / "checkpoints" / "4"))
+    a, b = losses(ref), losses(resumed)
+    assert sorted(b) == [5, 6, 7, 8]
+    assert [a[s] for s in b] == [b[s] for s in b]
+    assert len({r for r in (json.loads(line)["loops"] for line in (ref / "metrics.jsonl").read_text().splitlines())}) \
+        > (1 if variant == "huginn" else 0)  # the depth really was sampled
