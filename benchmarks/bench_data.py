@@ -79,7 +79,8 @@ def timed(fn) -> tuple[float, float]:
 
 def replicate(src: Path, dest: Path, times: int) -> None:
     """A manifest `times` x larger: hard links to the same shards under new names (same bytes, same sha)."""
-    from data_pipeline.shards import MANIFEST, write_json_atomic
+    from data_pipeline.shards import MANIFEST
+    from loopstack.fileio import atomic_write_json
 
     m = json.loads((src / MANIFEST).read_text())
     dest.mkdir(parents=True)
@@ -89,7 +90,7 @@ def replicate(src: Path, dest: Path, times: int) -> None:
             name = f"rep{k:02d}-{s['file']}"
             os.link(src / s["file"], dest / name)
             shards.append({**s, "file": name})
-    write_json_atomic(dest / MANIFEST, {**m, "shards": shards, "documents": m["documents"] * times,
+    atomic_write_json(dest / MANIFEST, {**m, "shards": shards, "documents": m["documents"] * times,
                                         "tokens": m["tokens"] * times, "bytes": m["bytes"] * times})
 
 

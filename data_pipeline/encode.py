@@ -16,10 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.shards import ShardWriter, write_json_atomic
+from data_pipeline.shards import ShardWriter
 from data_pipeline.sources import MiB, Source, Unit, read_unit
 from data_pipeline.tokenizer import Tokenizer
 from loopstack.errors import UserError
+from loopstack.fileio import atomic_write_json
 
 BATCH_CHARS = 1 << 20  # characters per encode call (and per Arrow record batch, roughly)
 SEGMENT_CHARS = 1 << 20  # longer documents are encoded piecewise, cut at line ends
@@ -114,7 +115,7 @@ def build_unit(index: int) -> dict:
         raise
     receipt = {"unit": index, "source": src.name, "documents": docs, "tokens": tokens,
                "skipped": dict(sorted(skipped.items())), "skipped_examples": examples, "shards": parts}
-    write_json_atomic(ctx.out / WORK / f"unit-{index:06d}.json", {"key": ctx.keys[index], **receipt})
+    atomic_write_json(ctx.out / WORK / f"unit-{index:06d}.json", {"key": ctx.keys[index], **receipt})
     return receipt
 
 

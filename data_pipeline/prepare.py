@@ -51,12 +51,12 @@ from data_pipeline.shards import (
     read_json,
     read_manifest,
     sha256_file,
-    write_json_atomic,
     write_stamp,
 )
 from data_pipeline.sources import MiB, Source, Unit, parse_source, plan_units
 from data_pipeline.tokenizer import META_FILE, MODEL_FILE, Tokenizer, load_tokenizer, tokenizer_exists
 from loopstack.errors import UserError
+from loopstack.fileio import atomic_write_json
 
 
 def cpu_count() -> int:
@@ -274,7 +274,7 @@ def prepare(sources: list[str], tokenizer_dir: str | os.PathLike, out: str | os.
     ordered = [receipts[u] for u in range(lo, hi)]
     if slice is not None:
         path = out / f"manifest.slice-{slice[0]:04d}-of-{slice[1]:04d}.json"
-        write_json_atomic(path, {**header, "slice": {"index": slice[0], "count": slice[1], "units": [lo, hi]},
+        atomic_write_json(path, {**header, "slice": {"index": slice[0], "count": slice[1], "units": [lo, hi]},
                                  "units": ordered})
         if verbose:
             docs = sum(r["documents"] for r in ordered)
@@ -289,7 +289,7 @@ def _finish(out: Path, header: dict, receipts: list[dict], verbose: bool, t0: fl
         why = f"; skipped {manifest['skipped']}, e.g. {manifest['skipped_examples'][0]}" if manifest["skipped"] else ""
         raise UserError(f"empty corpus: no documents in {', '.join(s['spec'] for s in header['settings']['sources'])}"
                         f"{why}")
-    write_json_atomic(out / MANIFEST, manifest)
+    atomic_write_json(out / MANIFEST, manifest)
     write_stamp(out, manifest_sha(out), [s["file"] for s in manifest["shards"]])
     keep = {s["file"] for s in manifest["shards"]}
     for f in out.glob("shard-*"):

@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 
 from loopstack.errors import UserError
+from loopstack.fileio import atomic_write_json
 
 FORMAT = "loopstack.shards/1"
 MANIFEST = "manifest.json"
@@ -50,17 +51,6 @@ def sha256_file(path: str | os.PathLike) -> str:
         while chunk := f.read(1 << 22):
             h.update(chunk)
     return h.hexdigest()
-
-
-def write_json_atomic(path: str | os.PathLike, obj: dict, indent: int | None = 1) -> None:
-    """Temp file, flush, fsync, rename: readers see the old file or the new one, never a torn one."""
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(obj, indent=indent) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def read_json(path: str | os.PathLike, what: str = "file") -> dict:
@@ -228,7 +218,7 @@ def write_stamp(directory: str | os.PathLike, manifest_sha: str, names: list[str
     """Record that these shards matched the manifest now (best effort: a read-only dir is fine)."""
     d = Path(directory)
     try:
-        write_json_atomic(d / STAMP, {"manifest_sha256": manifest_sha,
+        atomic_write_json(d / STAMP, {"manifest_sha256": manifest_sha,
                                       "shards": {n: _stamp_key(d / n) for n in names}}, indent=None)
     except OSError:
         pass

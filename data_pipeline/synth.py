@@ -27,9 +27,10 @@ import numpy as np
 
 from data_pipeline.encode import encode_documents
 from data_pipeline.prepare import build_manifest
-from data_pipeline.shards import FORMAT, MANIFEST, ShardWriter, manifest_sha, write_json_atomic, write_stamp
+from data_pipeline.shards import FORMAT, MANIFEST, ShardWriter, manifest_sha, write_stamp
 from data_pipeline.tokenizer import Tokenizer, save_tokenizer, train_sentencepiece
 from loopstack.errors import UserError
+from loopstack.fileio import atomic_write_json
 
 ALPHABET = string.ascii_lowercase + string.digits + ",;="
 TASKS = ("khop", "prefix_sum", "parity")
@@ -90,7 +91,7 @@ def _write_split(out: Path, tok: Tokenizer, task: str, depths: list[int], counts
         receipts.append({"unit": unit, "source": f"depth-{depth}", "documents": len(docs), "tokens": len(values),
                          "skipped": {}, "skipped_examples": [], "shards": writer.close()})
     manifest = build_manifest(header, receipts)
-    write_json_atomic(out / MANIFEST, manifest)
+    atomic_write_json(out / MANIFEST, manifest)
     write_stamp(out, manifest_sha(out), [s["file"] for s in manifest["shards"]])
     return manifest
 

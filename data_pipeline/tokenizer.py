@@ -25,6 +25,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from loopstack.errors import UserError
+from loopstack.fileio import atomic_write
 
 MODEL_FILE = "tokenizer.model"
 META_FILE = "tokenizer.json"
@@ -63,15 +64,6 @@ class Tokenizer:
                 "eos_id": self.eos_id, "unk_id": self.unk_id}
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def tokenizer_exists(directory: str | os.PathLike) -> bool:
     d = Path(directory)
     return (d / MODEL_FILE).is_file() and (d / META_FILE).is_file()
@@ -82,9 +74,9 @@ def save_tokenizer(model_bytes: bytes, directory: str | os.PathLike, info: dict 
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer(model_bytes, str(d))
-    _atomic_write(d / MODEL_FILE, model_bytes)
+    atomic_write(d / MODEL_FILE, model_bytes)
     meta = {**tok.meta(), **(info or {})}
-    _atomic_write(d / META_FILE, (json.dumps(meta, indent=2) + "\n").encode())
+    atomic_write(d / META_FILE, (json.dumps(meta, indent=2) + "\n").encode())
     return tok
 
 

@@ -14,6 +14,8 @@ import os
 import sys
 from pathlib import Path
 
+from loopstack.fileio import atomic_write
+
 
 def _code(value: object) -> int:
     if value is None:
@@ -35,9 +37,7 @@ def main(argv: list[str]) -> int:
         code = _code(exit_.code)
     finally:
         if os.environ.get("RANK", "0") == "0":
-            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-            tmp.write_text(f"{code}\n")
-            os.replace(tmp, path)
+            atomic_write(path, f"{code}\n")
     return code
 
 

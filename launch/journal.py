@@ -27,17 +27,6 @@ def launch_dir(run_dir: Path) -> Path:
     return Path(run_dir) / LAUNCH_DIR
 
 
-def atomic_write(path: Path, text: str, mode: int = 0o644) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
-
-
 def append_event(run_dir: Path, event: str, **fields) -> dict:
     record = {"time": int(time.time()), "event": event, **fields}
     path = launch_dir(run_dir) / EVENTS

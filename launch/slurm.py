@@ -20,6 +20,7 @@ from pathlib import Path
 from launch import journal, sbatch
 from launch.templating import load_template, render
 from loopstack.errors import UserError
+from loopstack.fileio import atomic_write
 
 TIME_RE = re.compile(r"^(?:(\d+)-)?(\d+):([0-5]\d):([0-5]\d)$")
 SCRIPT = "train.sbatch"
@@ -143,7 +144,7 @@ class TrainJob:
         ldir = journal.launch_dir(self.run_dir)
         (ldir / "logs").mkdir(parents=True, exist_ok=True)
         save_config(self.cfg, ldir / "config.yaml")
-        journal.atomic_write(self.script_path, script, mode=0o755)
+        atomic_write(self.script_path, script, mode=0o755)
         # The first job is held until the journal (and a chain's job list) is written, so the job's own
         # events always come after its submission and a chain job always finds the list of the others.
         job_ids: list[str] = []
@@ -152,7 +153,7 @@ class TrainJob:
                 extra = [f"--dependency=afterany:{job_ids[-1]}"] if i else ["--hold"]
                 job_ids.append(sbatch.submit(self.script_path, extra))
             if chain:
-                journal.atomic_write(ldir / "chain", "".join(f"{j}\n" for j in job_ids))
+                atomic_write(ldir / "chain", "".join(f"{j}\n" for j in job_ids))
             la = self.launch
             journal.append_event(self.run_dir, "submit", job_ids=job_ids, mode="chain" if chain else "requeue",
                                  nodes=la.nodes, gpus_per_node=la.gpus_per_node, procs_per_node=self.procs_per_node,

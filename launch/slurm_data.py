@@ -17,6 +17,7 @@ from launch import journal, sbatch
 from launch.slurm import _no_space, parse_time, python_bin_dir
 from launch.templating import load_template, render
 from loopstack.errors import UserError
+from loopstack.fileio import atomic_write
 
 PREPARE, MERGE = "prepare.sbatch", "merge.sbatch"
 
@@ -130,8 +131,8 @@ class DataJob:
         prepare, merge = self.scripts()
         (prepare.parent / "logs").mkdir(parents=True, exist_ok=True)
         save_config(self.cfg, prepare.parent / "config.yaml")
-        journal.atomic_write(prepare, prepare_text, mode=0o755)
-        journal.atomic_write(merge, merge_text, mode=0o755)
+        atomic_write(prepare, prepare_text, mode=0o755)
+        atomic_write(merge, merge_text, mode=0o755)
         job_ids: list[str] = []
         try:  # the array is held until the journal is written (its tasks' events come after the submission)
             job_ids.append(sbatch.submit(prepare, ["--hold"]))

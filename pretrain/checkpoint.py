@@ -28,27 +28,10 @@ import torch
 import torch.distributed as dist
 
 from loopstack.errors import UserError
+from loopstack.fileio import atomic_write, fsync_dir
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass
@@ -115,12 +98,12 @@ def save_checkpoint(engine, run_dir: Path, step: int, rank_state: dict, meta: di
     final = ckpt_dir / str(step)
     if rank == 0:
         record = dict(meta, step=step, world_size=dist.get_world_size(), time=time.time())
-        atomic_write_text(tmp / COMPLETE, json.dumps(record, indent=1))
+        atomic_write(tmp / COMPLETE, json.dumps(record, indent=1))
         if final.exists():  # an older, complete save of the same step (a rollback re-saved it)
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(ckpt_dir)
-        atomic_write_text(ckpt_dir / LATEST, f"{step}\n")
+        fsync_dir(ckpt_dir)
+        atomic_write(ckpt_dir / LATEST, f"{step}\n")
         prune(ckpt_dir, keep_last=keep_last, keep_every=keep_every)
     dist.barrier()
     return final

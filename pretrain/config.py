@@ -18,6 +18,7 @@ import yaml
 
 from data_pipeline.config import DataConfig, TokenizerConfig
 from loopstack.errors import ConfigError
+from loopstack.fileio import atomic_write
 from loopstack.typed_config import build, param, parse_override, set_dotted, to_dict
 from pretrain.models.config import LoopConfig, ModelConfig
 
@@ -173,11 +174,4 @@ def dump_config(cfg: RunConfig) -> str:
 
 def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:
     """Write the resolved config atomically (other tools read it)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(dump_config(cfg))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, dump_config(cfg))

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pretrain.checkpoint import atomic_write_text
+from loopstack.fileio import atomic_write
 
 
 @torch.no_grad()
@@ -45,6 +45,6 @@ def write_eval(run_dir: Path, step: int, result: dict[int, float]) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     record = {"step": step, "loss_vs_loops": {str(k): v for k, v in result.items()}}
     path = out / f"step_{step}.json"
-    atomic_write_text(path, json.dumps(record, indent=1))
-    atomic_write_text(out / "latest.json", json.dumps(record, indent=1))
+    atomic_write(path, json.dumps(record, indent=1))
+    atomic_write(out / "latest.json", json.dumps(record, indent=1))
     return path

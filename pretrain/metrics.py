@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pretrain.checkpoint import atomic_write_text
+from loopstack.fileio import atomic_write
 
 # Dense bf16 peak FLOP/s per device (vendor datasheets, without sparsity): MFU denominators.
 PEAK_BF16_FLOPS = {
@@ -72,7 +72,7 @@ class MetricsLogger:
                     keep.append(line)
             except ValueError:  # a line cut by a kill mid-write
                 continue
-        atomic_write_text(self.path, "".join(line + "\n" for line in keep))
+        atomic_write(self.path, "".join(line + "\n" for line in keep))
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -129,7 +129,7 @@ def _start_wandb(run_dir: Path, cfg_dict: dict, mode: str, project: str, name: s
     id_file = run_dir / "wandb_id"
     run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
     if not id_file.exists():
-        atomic_write_text(id_file, run_id)
+        atomic_write(id_file, run_id)
     try:
         return wandb.init(project=project, name=name, id=run_id, resume="allow", dir=str(run_dir), mode=mode,
                           config=cfg_dict, settings=wandb.Settings(console="off", silent=True))

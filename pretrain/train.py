@@ -168,6 +168,11 @@ class Trainer:
                             f"{self.tokenizer.sha256[:12]} ({self.cfg.tokenizer.dir})")
         if meta.get("tp") not in (None, self.env.tp):
             raise UserError(f"{info.path}: saved with parallel.tp = {meta['tp']}, this run has {self.env.tp}")
+        if meta.get("dp") not in (None, self.env.dp) and self.cfg.parallel.zero_stage >= 1:
+            raise UserError(f"{info.path}: optimizer state is ZeRO-{self.cfg.parallel.zero_stage}-partitioned over "
+                            f"{meta['dp']} data-parallel ranks, this run has {self.env.dp}: resume with "
+                            f"{meta['dp'] * self.env.tp} processes (changing the data-parallel size is supported "
+                            f"with parallel.zero_stage=0)")
         load_path, _ = self.engine.load_checkpoint(str(info.path.parent), tag=info.path.name,
                                                    load_optimizer_states=True, load_lr_scheduler_states=False)
         if load_path is None:

@@ -151,3 +151,21 @@ def test_resume_is_exact_with_random_state_and_sampled_depth(smoke_data, tmp_pat
     assert [a[s] for s in b] == [b[s] for s in b]
     assert len({r for r in (json.loads(line)["loops"] for line in (ref / "metrics.jsonl").read_text().splitlines())}) \
         > (1 if variant == "huginn" else 0)  # the depth really was sampled
+
+
+def test_resume_on_a_different_data_parallel_size(smoke_data, tmp_path):
+    """ZeRO-0: a DP=2 checkpoint resumes on DP=1 and says what changes; ZeRO-1 (partitioned optimizer state)
+    refuses with one line naming the checkpoint and the process count that fits."""
+    flags = smoke_data + ["train.steps=4", "checkpoint.every=2", "logging.every=1", "eval.batches=1",
+                          "eval.loops=[1]"]
+    for zero in (0, 1):
+        run = tmp_path / f"z{zero}"
+        run_train(2, run, flags + [f"parallel.zero_stage={zero}"])
+        more = flags + [f"parallel.zero_stage={zero}", "train.steps=6"]
+        if zero == 0:
+            out = run_train(1, run, more)
+            assert "data-parallel size 2 -> 1: model and optimizer loaded" in out.stdout
+            assert sorted(losses(run)) == [1, 2, 3, 4, 5, 6]
+        else:
+            out = run_train(1, run, more, expect=2)
+            assert "ZeRO-1-partitioned over 2 data-parallel ranks" in out.stderr and "Traceback" not in out.stderr
