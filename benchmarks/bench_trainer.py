@@ -48,6 +48,7 @@ def main() -> dict:
     env = init_distributed(tp=1, seed=cfg.seed)
     try:
         trainer = Trainer(cfg, Path(tmp) / "run", env)
+        vocab_size = trainer.vocab_size
         trainer_times = _time_steps(trainer.train_step, STEPS, WARMUP)
 
         torch.manual_seed(cfg.seed)
@@ -68,7 +69,8 @@ def main() -> dict:
         shutdown()
     t_trainer, t_bare = statistics.median(trainer_times), statistics.median(bare_times)
     tokens = cfg.train.micro_batch * cfg.train.grad_accum * cfg.data.seq_len
-    flops = flops_per_token(cfg.model, cfg.data.seq_len, cfg.model.loops, 0, cfg.parallel.activation_checkpointing)
+    flops = flops_per_token(cfg.model, cfg.data.seq_len, cfg.model.loops, 0, cfg.parallel.activation_checkpointing,
+                            vocab_size=vocab_size)
     results = {
         "model": {"variant": cfg.model.variant, "loops": cfg.model.loops, "d_model": cfg.model.d_model,
                   "n_core": cfg.model.n_core, "seq_len": cfg.data.seq_len, "micro_batch": cfg.train.micro_batch},
