@@ -153,9 +153,8 @@ class Throughput:
         self.seconds += time.perf_counter() - self._t0
         self.tokens += tokens
 
-    def take(self) -> tuple[float, float]:
-        """(tokens/s, seconds per step-average) since the last call; resets."""
+    def take(self) -> float:
+        """Tokens/s since the last call; resets."""
         rate = self.tokens / self.seconds if self.seconds else 0.0
-        seconds = self.seconds
         self.tokens, self.seconds = 0, 0.0
-        return rate, seconds
+        return rate

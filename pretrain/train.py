@@ -93,6 +93,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig, run_dir: Path, env: DistEnv):
         self.cfg, self.run_dir, self.env = cfg, run_dir, env
         self.state = TrainState()
+        self.tokens_per_step = cfg.train.micro_batch * cfg.train.grad_accum * env.dp * cfg.data.seq_len
         self.stop = StopRequest()
         prepare_deepspeed()
         self._setup_data()
@@ -205,13 +206,12 @@ class Trainer:
             self.restore(info)
             self.log.truncate_after(self.state.step)
             self.log.message(f"resumed from {info.path} at step {self.state.step}")
-        tokens_per_step = cfg.train.micro_batch * cfg.train.grad_accum * env.dp * cfg.data.seq_len
         device_name, peak = device_peak_flops()
         throughput, t_start, steps_run = Throughput(), time.perf_counter(), 0
         while self.state.step < cfg.train.steps:
             throughput.start()
             record = self.train_step()
-            throughput.stop(tokens_per_step)
+            throughput.stop(self.tokens_per_step)
             steps_run += 1
             step = self.state.step
             if step % cfg.logging.every == 0 or step == cfg.train.steps:
@@ -269,7 +269,7 @@ class Trainer:
         if not stepped:
             self.state.skipped_steps += 1
         self.state.step += 1
-        self.state.tokens += cfg.train.micro_batch * cfg.train.grad_accum * env.dp * cfg.data.seq_len
+        self.state.tokens += self.tokens_per_step
         record = {"step": self.state.step, "loss": loss, "lr": cfg.train.lr * lr_at(step, cfg.train),
                   "grad_norm": grad_norm, "tokens": self.state.tokens, "loops": loops, "backprop_loops": backprop,
                   "skipped": int(not stepped), "skipped_total": self.state.skipped_steps}
@@ -281,7 +281,7 @@ class Trainer:
                   elapsed: float, steps_run: int) -> None:
         from pretrain.models.flops import flops_per_token
 
-        tok_s, _ = throughput.take()
+        tok_s = throughput.take()
         loops = record["loops"]
         loss_loops = {"last": 1, "all": loops, "last_third": -(-loops // 3)}[self.cfg.loop.loss_on]
         flops = flops_per_token(self.cfg.model, self.cfg.data.seq_len, loops, record["backprop_loops"],
