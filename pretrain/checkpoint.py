@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,8 +79,9 @@ def find_resume(run_dir: Path, resume: str) -> CheckpointInfo | None:
 
 
 def save_checkpoint(engine, run_dir: Path, step: int, rank_state: dict, meta: dict, *, keep_last: int,
-                    keep_every: int) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint directory."""
+                    keep_every: int, write_extra: Callable[[Path], None] | None = None) -> Path:
+    """Collective: every rank calls it (and `write_extra(tmp_dir)`, before the COMPLETE mark).
+    Returns the final checkpoint directory."""
     ckpt_dir = run_dir / "checkpoints"
     tmp_tag = f".tmp-{step}"
     tmp = ckpt_dir / tmp_tag
@@ -94,6 +96,8 @@ def save_checkpoint(engine, run_dir: Path, step: int, rank_state: dict, meta: di
     torch.save(rank_state, state_path)
     with open(state_path, "rb+") as f:
         os.fsync(f.fileno())
+    if write_extra is not None:
+        write_extra(tmp)
     dist.barrier()
     final = ckpt_dir / str(step)
     if rank == 0:

@@ -30,6 +30,7 @@ from pretrain.distributed import (
     restore_rng_state,
     shutdown,
 )
+from pretrain.elastic import load_full_state, save_full_state
 from pretrain.guards import LossGuard
 from pretrain.metrics import MetricsLogger, Throughput, device_peak_flops
 
@@ -156,9 +157,12 @@ class Trainer:
         rank_state = {"loader": self.train_data.state_dict(), "rng": capture_rng_state(),
                       "state": asdict(self.state), "guard": self.guard.state_dict(),
                       "model_noise": self.engine.module.noise_state()}
+        elastic = self.cfg.parallel.zero_stage in (1, 2)  # ZeRO-0 state is whole; ZeRO-3 resize unsupported
+        write_extra = (lambda d: save_full_state(self.engine, d, self.env.tp_rank, self.env.dp_rank)) if elastic \
+            else None
         path = ckpt.save_checkpoint(self.engine, self.run_dir, self.state.step, rank_state, self._meta(),
                                     keep_last=self.cfg.checkpoint.keep_last,
-                                    keep_every=self.cfg.checkpoint.keep_every)
+                                    keep_every=self.cfg.checkpoint.keep_every, write_extra=write_extra)
         self.log.message(f"checkpoint: {path}")
         return path
 
@@ -169,15 +173,18 @@ class Trainer:
                             f"{self.tokenizer.sha256[:12]} ({self.cfg.tokenizer.dir})")
         if meta.get("tp") not in (None, self.env.tp):
             raise UserError(f"{info.path}: saved with parallel.tp = {meta['tp']}, this run has {self.env.tp}")
-        if meta.get("dp") not in (None, self.env.dp) and self.cfg.parallel.zero_stage >= 1:
-            raise UserError(f"{info.path}: optimizer state is ZeRO-{self.cfg.parallel.zero_stage}-partitioned over "
-                            f"{meta['dp']} data-parallel ranks, this run has {self.env.dp}: resume with "
-                            f"{meta['dp'] * self.env.tp} processes (changing the data-parallel size is supported "
-                            f"with parallel.zero_stage=0)")
+        resize = meta.get("dp") not in (None, self.env.dp) and self.cfg.parallel.zero_stage >= 1
+        if resize and self.cfg.parallel.zero_stage == 3:
+            raise UserError(f"{info.path}: optimizer state is ZeRO-3-partitioned over {meta['dp']} data-parallel "
+                            f"ranks, this run has {self.env.dp}: resume with {meta['dp'] * self.env.tp} processes "
+                            f"(changing the data-parallel size is supported with parallel.zero_stage 0-2)")
         load_path, _ = self.engine.load_checkpoint(str(info.path.parent), tag=info.path.name,
-                                                   load_optimizer_states=True, load_lr_scheduler_states=False)
+                                                   load_optimizer_states=not resize, load_lr_scheduler_states=False,
+                                                   load_module_only=resize)
         if load_path is None:
             raise UserError(f"{info.path}: DeepSpeed could not load this checkpoint")
+        if resize:  # DeepSpeed cannot re-partition ZeRO state: rebuild it from the whole tensors we saved
+            load_full_state(self.engine, info.path, self.env.tp_rank)
         same_layout = meta.get("world_size") == self.env.world_size
         rank_state = ckpt.load_rank_state(info, self.env.rank if same_layout else 0)
         if rollback:  # keep the data position (skips the offending batches) and the counters of skips
