@@ -56,7 +56,7 @@ from data_pipeline.shards import (
 from data_pipeline.sources import MiB, Source, Unit, parse_source, plan_units
 from data_pipeline.tokenizer import META_FILE, MODEL_FILE, Tokenizer, load_tokenizer, tokenizer_exists
 from loopstack.errors import UserError
-from loopstack.fileio import atomic_write_json
+from loopstack.fileio import atomic_write, atomic_write_json
 
 
 def cpu_count() -> int:
@@ -143,9 +143,7 @@ def _copy_tokenizer(tok_dir: Path, out: Path) -> None:
     for name in (MODEL_FILE, META_FILE):
         src_bytes = (tok_dir / name).read_bytes()
         if not (dest / name).is_file() or (dest / name).read_bytes() != src_bytes:
-            tmp = dest / f"{name}.tmp.{os.getpid()}"
-            tmp.write_bytes(src_bytes)
-            os.replace(tmp, dest / name)
+            atomic_write(dest / name, src_bytes)
 
 
 def _finished(out: Path, index: int, key: str) -> dict | None:

@@ -110,9 +110,8 @@ class RunConfig:
     launch: LaunchConfig = field(default_factory=LaunchConfig)
 
     def check(self) -> None:
+        # d_model vs n_heads is ModelConfig.check's; here only what needs two sections
         m, tp = self.model, self.parallel.tp
-        if m.d_model % m.n_heads:
-            raise ConfigError(f"model.d_model = {m.d_model} is not divisible by model.n_heads = {m.n_heads}")
         for name, value in (("model.n_heads", m.n_heads), ("model.n_kv_heads", m.n_kv_heads or m.n_heads)):
             if value % tp:
                 raise ConfigError(f"{name} = {value} is not divisible by parallel.tp = {tp}")
