@@ -62,6 +62,8 @@ class CheckpointConfig:
     every: int = param(100, min=1, help="save every N steps (and at the end)")
     keep_last: int = param(2, min=1, help="keep the newest N checkpoints")
     keep_every: int = param(0, min=0, help="also keep every M-th step; 0 = none")
+    elastic: bool = param(True, help="ZeRO 1-3: also save each parameter's whole fp32 master and optimizer "
+                                     "state, so the run can resume on another data-parallel size")
 
 
 @dataclass

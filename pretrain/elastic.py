@@ -1,19 +1,27 @@
-"""ZeRO-1/2 optimizer state that survives a change of data-parallel size.
+"""ZeRO optimizer state that survives a change of data-parallel size.
 
-DeepSpeed's ZeRO-1/2 checkpoint stores each DP rank's flat partition of the fp32 master weights and
-optimizer state, and refuses to load it on another DP size. So with every ZeRO-1/2 checkpoint we also save,
+DeepSpeed's ZeRO-1/2/3 checkpoints store each DP rank's flat partition of the fp32 master weights and
+optimizer state, and refuse to load them on another DP size. So with every ZeRO checkpoint we also save,
 per tensor-parallel rank, each parameter's *whole* fp32 master and optimizer state (AdamW moments and step,
-Muon momentum), assembled with DeepSpeed's fragment API (`safe_get_full_*`). Resuming on a different DP
-size loads the module weights, creates the optimizer state for the new partitioning and writes the saved
-values into it (`safe_set_full_*`): the same training state, split a new way.
+Muon momentum), assembled with DeepSpeed's fragment API (`safe_get_full_*`, which all-gathers over the DP
+group). Resuming on a different DP size creates the optimizer state for the new partitioning and writes the
+saved values into it (`safe_set_full_*`), then refreshes the (bf16 or fp32) model weights from the new fp32
+masters, as DeepSpeed does after an optimizer step: the same training state, split a new way. The file does
+not depend on the stage, so a run may also move between ZeRO 1, 2 and 3.
 
-Cost: one all-reduce per parameter and state over the DP group at save time, and a file per TP rank holding
-the fp32 weights and state (3x the fp32 model for AdamW), written by DP rank 0.
+Layouts: ZeRO-1/2 (DeepSpeedZeroOptimizer; BF16_Optimizer for bf16 ZeRO-1) give the base optimizer one
+flat fp32 partition per param group; ZeRO-3 splits each param group into sub-groups, one flat partition
+each. Both are handled as "units": (param group index, flat partition, the model parameters it holds).
+
+Cost: one all-gather per parameter and state over the DP group at save time, and a file per TP rank holding
+the fp32 weights and state (3x the fp32 model for AdamW), written by DP rank 0 (`checkpoint.elastic: false`
+turns it off; such checkpoints resume on the same DP size only).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -23,25 +31,44 @@ from loopstack.errors import UserError
 STATE_KEYS = {"adamw": ("exp_avg", "exp_avg_sq"), "muon": ("momentum_buffer",)}
 
 
+class _Unit(NamedTuple):
+    group: int  # index into the base optimizer's param_groups
+    flat: torch.Tensor  # this rank's flat fp32 partition, the tensor the base optimizer steps and keys state by
+    params: list[torch.nn.Parameter]  # the model parameters whose partitions live in `flat`
+
+
+class _Layout(NamedTuple):
+    units: list[_Unit]
+    base: torch.optim.Optimizer  # our HybridOptimizer, under DeepSpeed's wrapper
+    zero3: Any  # DeepSpeedZeroOptimizer_Stage3, or None for ZeRO-1/2
+
+
 def file_name(tp_rank: int) -> str:
     return f"elastic_state_tp{tp_rank}.pt"
 
 
-def _partitions(engine):
-    """(low-precision params per group, this rank's flat fp32 partition per group, our base optimizer).
-
-    DeepSpeed uses two ZeRO-1/2 optimizers with the same fragment API: DeepSpeedZeroOptimizer (fp32, and bf16
-    with ZeRO-2) and BF16_Optimizer (bf16 with ZeRO-1)."""
+def _layout(engine) -> _Layout:
     zero = engine.ds.optimizer
-    if hasattr(zero, "single_partition_of_fp32_groups"):
-        return zero.bit16_groups, zero.single_partition_of_fp32_groups, zero.optimizer
-    if hasattr(zero, "fp32_groups_flat_partition"):
-        return zero.bf16_groups, zero.fp32_groups_flat_partition, zero.optimizer
-    raise RuntimeError(f"no ZeRO-1/2 partitions in {type(zero).__name__}")
+    if hasattr(zero, "fp32_partitioned_groups_flat"):  # ZeRO-3
+        units = [_Unit(zero.sub_group_to_group_id[i], flat, list(zero.fp16_groups[i]))
+                 for i, flat in enumerate(zero.fp32_partitioned_groups_flat)]
+        return _Layout(units, zero.optimizer, zero)
+    if hasattr(zero, "single_partition_of_fp32_groups"):  # ZeRO-1/2 (fp32, bf16 ZeRO-2)
+        lp, flats = zero.bit16_groups, zero.single_partition_of_fp32_groups
+    elif hasattr(zero, "fp32_groups_flat_partition"):  # bf16 ZeRO-1
+        lp, flats = zero.bf16_groups, zero.fp32_groups_flat_partition
+    else:
+        raise RuntimeError(f"no ZeRO partitions in {type(zero).__name__}")
+    return _Layout([_Unit(i, flats[i], list(lp[i])) for i in range(len(flats))], zero.optimizer, None)
 
 
 def _names(engine) -> dict[int, str]:
     return {id(p): n for n, p in engine.module.named_parameters()}
+
+
+def _host(t: torch.Tensor) -> torch.Tensor:
+    """A CPU tensor owning exactly its elements (ZeRO-3 returns views of larger all-gather buffers)."""
+    return t.detach().cpu() if t.device.type != "cpu" else t.detach().clone()
 
 
 @torch.no_grad()
@@ -50,22 +77,22 @@ def save_full_state(engine, directory: Path, tp_rank: int, dp_rank: int) -> None
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
     from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
 
-    lp_groups, flats, base = _partitions(engine)
+    layout = _layout(engine)
     names = _names(engine)
     params, steps = {}, {}
-    for i, group in enumerate(base.param_groups):
-        flat = flats[i]
-        state = base.state.get(flat, {})
+    for unit in layout.units:
+        kind = layout.base.param_groups[unit.group]["kind"]
+        state = layout.base.state.get(unit.flat, {})
         if "step" in state:
-            steps[i] = state["step"].clone()
+            steps.setdefault(unit.group, state["step"].clone())
         stepped = bool(state)  # identical on every rank: all have taken the same optimizer steps
-        if stepped:  # DeepSpeed links optimizer-state fragments lazily; make sure they point at this state
-            lazy_init_hp_params_optimizer_state(lp_groups[i], flat, base.state)
-        for p in lp_groups[i]:
-            entry = {"fp32": safe_get_full_fp32_param(p).cpu()}
+        if stepped and layout.zero3 is None:  # ZeRO-1/2 link state fragments lazily; point them at this state
+            lazy_init_hp_params_optimizer_state(unit.params, unit.flat, layout.base.state)
+        for p in unit.params:
+            entry = {"fp32": _host(safe_get_full_fp32_param(p))}
             if stepped:
-                for key in STATE_KEYS[group["kind"]]:
-                    entry[key] = safe_get_full_optimizer_state(p, key).cpu()
+                for key in STATE_KEYS[kind]:
+                    entry[key] = _host(safe_get_full_optimizer_state(p, key))
             params[names[id(p)]] = entry
     if dp_rank == 0:
         torch.save({"params": params, "steps": steps}, directory / file_name(tp_rank))
@@ -73,31 +100,57 @@ def save_full_state(engine, directory: Path, tp_rank: int, dp_rank: int) -> None
 
 @torch.no_grad()
 def load_full_state(engine, directory: Path, tp_rank: int) -> None:
-    """After a module-only load: rebuild master weights and optimizer state for this run's partitioning."""
+    """Set this run's weights, fp32 masters and optimizer state from the saved whole tensors, partitioned for
+    this run's DP size and ZeRO stage (1-3; the model has no buffers, so nothing else is needed). Collective
+    over the DP group."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
     from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
 
     path = directory / file_name(tp_rank)
     if not path.exists():
-        raise UserError(f"{directory}: no {file_name(tp_rank)}; this checkpoint cannot resume on another "
-                        f"data-parallel size")
+        raise UserError(f"{directory}: no {file_name(tp_rank)} (saved with checkpoint.elastic: false?); this "
+                        f"checkpoint cannot resume on another data-parallel size")
     saved = torch.load(path, weights_only=False)
-    lp_groups, flats, base = _partitions(engine)
+    layout = _layout(engine)
     names = _names(engine)
-    for i, group in enumerate(base.param_groups):
-        flat, lp_params = flats[i], lp_groups[i]
-        first = saved["params"][names[id(lp_params[0])]] if lp_params else {}
-        keys = [k for k in STATE_KEYS[group["kind"]] if k in first]
+    missing = sorted(set(names.values()) - set(saved["params"]))
+    if missing:
+        raise UserError(f"{path}: no saved state for parameters {missing[:3]}: written by a different model")
+    if layout.zero3 is not None:
+        layout.zero3.checkpoint_event_prologue()  # release every gathered (incl. persistent) parameter first
+    for unit in layout.units:
+        kind = layout.base.param_groups[unit.group]["kind"]
+        first = saved["params"][names[id(unit.params[0])]] if unit.params else {}
+        keys = [k for k in STATE_KEYS[kind] if k in first]
         if keys:  # create the state this partitioning needs, then fill it from the saved whole tensors
-            state = base.state[flat]
+            state = layout.base.state[unit.flat]
             for key in keys:
-                state[key] = torch.zeros_like(flat)
-            if i in saved["steps"]:
-                state["step"] = saved["steps"][i].clone()
-            lazy_init_hp_params_optimizer_state(lp_params, flat, base.state)
-        for p in lp_params:
+                state[key] = torch.zeros_like(unit.flat)
+            if unit.group in saved["steps"]:
+                state["step"] = saved["steps"][unit.group].clone()
+            if layout.zero3 is None:
+                lazy_init_hp_params_optimizer_state(unit.params, unit.flat, layout.base.state)
+        for p in unit.params:
             entry = saved["params"][names[id(p)]]
-            safe_set_full_fp32_param(p, entry["fp32"].to(flat.device))
+            shape = tuple(getattr(p, "ds_shape", p.shape))  # ZeRO-3 keeps the whole shape aside
+            if tuple(entry["fp32"].shape) != shape:
+                raise UserError(f"{path}: {names[id(p)]} has shape {tuple(entry['fp32'].shape)}, this model's is "
+                                f"{shape}: written by a different model config")
+            safe_set_full_fp32_param(p, entry["fp32"].to(unit.flat.device))
             for key in keys:
-                safe_set_full_optimizer_state(p, entry[key].to(flat.device), key)
+                safe_set_full_optimizer_state(p, entry[key].to(unit.flat.device), key)
+    if layout.zero3 is not None:
+        _refresh_zero3_weights(layout.zero3)
+    else:  # fp32 partitions -> this rank's low-precision partition, then all-gather the whole weights
+        engine.ds.optimizer.update_lp_params()
     dist.barrier()
+
+
+def _refresh_zero3_weights(zero3) -> None:
+    """Copy the new fp32 masters into ZeRO-3's partitioned low-precision weights, then re-gather the
+    persistent (small, always-gathered) parameters from those partitions: what DeepSpeed's own step and
+    checkpoint load do after changing the fp32 partitions. Every parameter was released (partitioned) by
+    `checkpoint_event_prologue` before the masters were set, so no stale gathered copy survives."""
+    for sub_group in range(len(zero3.fp16_groups)):  # fp32 partition -> lp partition; re-point the params at it
+        zero3._reassign_or_swap_out_partitioned_parameters(sub_group)
+    zero3.checkpoint_event_epilogue()  # all-gather the persistent parameters again

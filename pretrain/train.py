@@ -30,6 +30,7 @@ from pretrain.distributed import (
     restore_rng_state,
     shutdown,
 )
+from pretrain.elastic import file_name as elastic_file_name
 from pretrain.elastic import load_full_state, save_full_state
 from pretrain.guards import LossGuard
 from pretrain.metrics import MetricsLogger, Throughput, device_peak_flops
@@ -157,7 +158,7 @@ class Trainer:
         rank_state = {"loader": self.train_data.state_dict(), "rng": capture_rng_state(),
                       "state": asdict(self.state), "guard": self.guard.state_dict(),
                       "model_noise": self.engine.module.noise_state()}
-        elastic = self.cfg.parallel.zero_stage in (1, 2)  # ZeRO-0 state is whole; ZeRO-3 resize unsupported
+        elastic = self.cfg.parallel.zero_stage >= 1 and self.cfg.checkpoint.elastic  # ZeRO-0 state is whole
         write_extra = (lambda d: save_full_state(self.engine, d, self.env.tp_rank, self.env.dp_rank)) if elastic \
             else None
         path = ckpt.save_checkpoint(self.engine, self.run_dir, self.state.step, rank_state, self._meta(),
@@ -173,18 +174,24 @@ class Trainer:
                             f"{self.tokenizer.sha256[:12]} ({self.cfg.tokenizer.dir})")
         if meta.get("tp") not in (None, self.env.tp):
             raise UserError(f"{info.path}: saved with parallel.tp = {meta['tp']}, this run has {self.env.tp}")
-        resize = meta.get("dp") not in (None, self.env.dp) and self.cfg.parallel.zero_stage >= 1
-        if resize and self.cfg.parallel.zero_stage == 3:
-            raise UserError(f"{info.path}: optimizer state is ZeRO-3-partitioned over {meta['dp']} data-parallel "
-                            f"ranks, this run has {self.env.dp}: resume with {meta['dp'] * self.env.tp} processes "
-                            f"(changing the data-parallel size is supported with parallel.zero_stage 0-2)")
-        load_path, _ = self.engine.load_checkpoint(str(info.path.parent), tag=info.path.name,
-                                                   load_optimizer_states=not resize, load_lr_scheduler_states=False,
-                                                   load_module_only=resize)
-        if load_path is None:
-            raise UserError(f"{info.path}: DeepSpeed could not load this checkpoint")
-        if resize:  # DeepSpeed cannot re-partition ZeRO state: rebuild it from the whole tensors we saved
+        stage = self.cfg.parallel.zero_stage
+        saved_stage = meta.get("config", {}).get("parallel", {}).get("zero_stage", stage)
+        if saved_stage != stage and 0 in (saved_stage, stage):
+            raise UserError(f"{info.path}: saved with parallel.zero_stage = {saved_stage}, this run has {stage}: "
+                            f"ZeRO-0 and ZeRO 1-3 optimizer states do not convert; resume with zero_stage "
+                            f"{saved_stage}")
+        # ZeRO 1-3 partitions are tied to the DP size and stage: rebuild them from the whole tensors we saved
+        resize = stage >= 1 and (meta.get("dp") not in (None, self.env.dp) or saved_stage != stage)
+        if resize:
             load_full_state(self.engine, info.path, self.env.tp_rank)
+            if saved_stage != stage:
+                self.log.message(f"resume: ZeRO stage {saved_stage} -> {stage}: weights and optimizer state "
+                                 f"re-partitioned from {elastic_file_name(self.env.tp_rank)}")
+        else:
+            load_path, _ = self.engine.load_checkpoint(str(info.path.parent), tag=info.path.name,
+                                                       load_lr_scheduler_states=False)
+            if load_path is None:
+                raise UserError(f"{info.path}: DeepSpeed could not load this checkpoint")
         same_layout = meta.get("world_size") == self.env.world_size
         rank_state = ckpt.load_rank_state(info, self.env.rank if same_layout else 0)
         if rollback:  # keep the data position (skips the offending batches) and the counters of skips
