@@ -12,9 +12,8 @@ grad accumulation, clipping, bf16, and megatron's groups through `MegatronMPU` (
 bf16 keeps fp32 master weights and optimizer state (DeepSpeed's wrappers); with ZeRO >= 1 gradients
 are also accumulated and reduced in fp32, with ZeRO 0 DeepSpeed accumulates them in bf16.
 
-Muon works with ZeRO 0, 1 and 2 and any TP (see `pretrain.muon`); **Muon with ZeRO-3 is refused at
-startup** with a UserError: ZeRO-3 hands the optimizer flat sub-group partitions without the lp->hp
-fragment map Muon uses to reassemble matrices under ZeRO 1/2. AdamW works with every stage.
+Muon and AdamW work with every ZeRO stage and any TP (see `pretrain.muon`); under ZeRO-3 the optimizer is
+told where each matrix sits in the flat sub-group partitions (`HybridOptimizer.bind_zero3`).
 The global grad norm and clipping come from DeepSpeed for ZeRO 1-3 and from `Engine` for ZeRO 0.
 
 Skipping a step. DeepSpeed skips on overflow only for some stage/dtype combinations (never for ZeRO-0
@@ -35,7 +34,6 @@ from typing import Any, NamedTuple
 import torch
 import torch.distributed as dist
 
-from loopstack.errors import UserError
 from pretrain.distributed import DistEnv, MegatronMPU, prepare_deepspeed
 from pretrain.optim import HybridOptimizer, build_optimizer
 
@@ -194,9 +192,6 @@ def step_or_skip(engine: Engine, loss_is_finite: bool = True) -> StepOutcome:
 
 def build_engine(model: torch.nn.Module, cfg: Any, env: DistEnv, param_roles: Mapping[str, str]) -> Engine:
     """`deepspeed.initialize` for `model` with our optimizer, config and megatron's groups."""
-    if cfg.train.optimizer == "muon" and cfg.parallel.zero_stage >= 3:
-        raise UserError("Muon with ZeRO-3 is not supported: use zero_stage<=2 (parallel.zero_stage), "
-                        "or train.optimizer=adamw")
     prepare_deepspeed()
     # DeepSpeed asserts LOCAL_RANK is set; a plain `python` single process (no torchrun) has none
     os.environ.setdefault("LOCAL_RANK", str(env.local_rank))
@@ -218,6 +213,7 @@ def build_engine(model: torch.nn.Module, cfg: Any, env: DistEnv, param_roles: Ma
     finally:
         optimizer.skip_next_step = False
     if cfg.parallel.zero_stage == 3:
+        optimizer.bind_zero3(ds_engine.optimizer)
         # ZeRO-3 gathers a module's own parameters around its forward/backward; a parameter used by another
         # module (a tied head reading the embedding) must be registered there, or it is seen partitioned (empty)
         for module, param in getattr(model, "external_parameters", lambda: [])():

@@ -1,4 +1,4 @@
-"""Muon for tensor-parallel block matrices, under DeepSpeed ZeRO 0/1/2.
+"""Muon for tensor-parallel block matrices, under DeepSpeed ZeRO 0/1/2/3.
 
 Muon (Keller Jordan, 2024) keeps SGD momentum per matrix and replaces each update by its nearest
 semi-orthogonal matrix, computed with a quintic Newton-Schulz iteration. The iteration is not
@@ -18,14 +18,20 @@ elementwise, so two things must be true for it to be the same optimizer at every
   lp->hp linkage (`param._hp_mapping`), the same one `safe_get_full_grad` uses, so this works for
   DeepSpeedZeroOptimizer and BF16_Optimizer alike.
 
-ZeRO 0 (and DeepSpeed's bf16 ZeRO-0 wrapper, whose fp32 master copies keep their shapes) passes whole
-tensors: no DP traffic is needed, gradients are already averaged. ZeRO 3 is refused at startup by the
-engine builder; see `pretrain.engine`.
+* **ZeRO 3.** DeepSpeed hands the optimizer one flat fp32 partition per sub-group, the concatenation of
+  each matrix's own partition: rank r holds elements [r*n, (r+1)*n) of the flattened (zero-padded) matrix.
+  The positions come from ZeRO-3's own bookkeeping (`grad_position`, read once by
+  `HybridOptimizer.bind_zero3`). Momentum is again sharded elementwise; for the orthogonalisation each rank
+  all-gathers its chunk of the momentum update over the DP group, which yields the matrix, and keeps its
+  chunk of the result.
 
-Cost per step, per Muon matrix: under ZeRO 1/2 one DP all-reduce of the local shard, under TP one TP
-all-gather; matrices go one at a time, so the extra memory is one full matrix. Newton-Schulz runs
-redundantly on every rank (fp32 on CPU, bf16 on CUDA as in Keller's recipe); spreading matrices over
-ranks would cut that compute at the price of one more gather.
+ZeRO 0 (and DeepSpeed's bf16 ZeRO-0 wrapper, whose fp32 master copies keep their shapes) passes whole
+tensors: no DP traffic is needed, gradients are already averaged.
+
+Cost per step, per Muon matrix: under ZeRO 1/2 one DP all-reduce of the local shard, under ZeRO 3 one DP
+all-gather, under TP one TP all-gather; matrices go one at a time, so the extra memory is one full matrix.
+Newton-Schulz runs redundantly on every rank (fp32 on CPU, bf16 on CUDA as in Keller's recipe); spreading
+matrices over ranks would cut that compute at the price of one more gather.
 """
 
 from __future__ import annotations
@@ -138,4 +144,41 @@ def muon_step_flat(flat: torch.Tensor, lp_params: list[torch.Tensor], infos: lis
         o = orthogonalize(whole.view(info.local_shape), info, tp, steps, ns_dtype)
         if frag is not None:
             delta[lo:hi] = o.reshape(-1)[at:at + hi - lo]
+    flat.mul_(1 - lr * wd).add_(delta, alpha=-lr)
+
+
+@dataclass(frozen=True)
+class Zero3Matrix:
+    """Where one matrix's ZeRO-3 partition sits in its sub-group's flat fp32 partition."""
+
+    info: MatrixInfo
+    offset: int  # start of this rank's chunk in the flat partition
+    chunk: int  # elements per rank (the last rank's chunk is zero-padded)
+    numel: int  # elements of the (TP-local) matrix
+
+
+@torch.no_grad()
+def muon_step_zero3(flat: torch.Tensor, matrices: list[Zero3Matrix], state: dict, lr: float, wd: float,
+                    beta: float, dp_group: dist.ProcessGroup | None, tp: TPContext, steps: int,
+                    ns_dtype: torch.dtype) -> None:
+    """ZeRO 3: `flat` is this rank's fp32 partition of one sub-group; `matrices` say where each matrix is."""
+    grad = flat.grad if flat.grad is not None else torch.zeros_like(flat)
+    st = state[flat]
+    if "momentum_buffer" not in st:
+        st["momentum_buffer"] = torch.zeros_like(flat)
+    u = nesterov_(st["momentum_buffer"], grad.to(flat.dtype), beta)
+    world = dist.get_world_size(dp_group) if dp_group is not None else 1
+    rank = dist.get_rank(dp_group) if dp_group is not None else 0
+    delta = torch.zeros_like(flat)
+    for m in matrices:
+        mine = u[m.offset:m.offset + m.chunk]
+        if world > 1:
+            gathered = torch.empty(m.chunk * world, dtype=flat.dtype, device=flat.device)
+            dist.all_gather_into_tensor(gathered, mine.contiguous(), group=dp_group)
+        else:
+            gathered = mine
+        o = orthogonalize(gathered[:m.numel].view(m.info.local_shape), m.info, tp, steps, ns_dtype).reshape(-1)
+        lo, hi = rank * m.chunk, min((rank + 1) * m.chunk, m.numel)  # padding past numel stays zero
+        if hi > lo:
+            delta[m.offset:m.offset + hi - lo] = o[lo:hi]
     flat.mul_(1 - lr * wd).add_(delta, alpha=-lr)

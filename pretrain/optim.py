@@ -10,7 +10,7 @@ is the recipe of the FLT and Parcae papers: Muon for the block matrices, AdamW f
 head, gains and the injection parameters, each group at its own learning rate.
 
 Everything is one optimizer (`HybridOptimizer`) so that DeepSpeed can wrap it as a client optimizer under
-any ZeRO stage; see `pretrain.muon` for how the Muon part stays correct under ZeRO 1/2 and TP.
+any ZeRO stage; see `pretrain.muon` for how the Muon part stays correct under ZeRO 1/2/3 and TP.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from pretrain.muon import MatrixInfo, TPContext, muon_step_flat, muon_step_shaped
+from pretrain.muon import MatrixInfo, TPContext, Zero3Matrix, muon_step_flat, muon_step_shaped, muon_step_zero3
 
 ROLES = ("matrix", "embedding", "head", "norm", "injection", "bias")
 # group name -> update rule; this order is the param-group order
@@ -138,6 +138,8 @@ class HybridOptimizer(torch.optim.Optimizer):
         self.matrices: dict[str, tuple[list[torch.Tensor], list[MatrixInfo]]] = {
             g["name"]: (list(g["params"]), [MatrixInfo.of(p, self.tp.size) for p in g["params"]])
             for g in self.param_groups if g["kind"] == "muon"}
+        # ZeRO-3 only: id of a sub-group's flat fp32 partition -> where its matrices sit (see bind_zero3)
+        self.zero3_matrices: dict[int, list[Zero3Matrix]] = {}
         adam_groups = [g for g in self.param_groups if g["kind"] == "adamw"]
         self._adamw = torch.optim.AdamW(adam_groups, lr=0.0, betas=betas, eps=eps, weight_decay=0.0,
                                         fused=True if fused else None) if adam_groups else None
@@ -159,18 +161,36 @@ class HybridOptimizer(torch.optim.Optimizer):
                 self._muon_step(group)
         return None
 
+    def bind_zero3(self, zero3: Any) -> None:
+        """Under ZeRO-3 (DeepSpeed's stage-3 optimizer wrapping this one): record, for every Muon sub-group's
+        flat fp32 partition, where each matrix's chunk sits, from ZeRO-3's own `grad_position`."""
+        info_of = {id(p): info for lp, infos in self.matrices.values() for p, info in zip(lp, infos, strict=True)}
+        self.dp_group = zero3.dp_process_group
+        for sub_group, flat in enumerate(zero3.fp32_partitioned_groups_flat):
+            if self.param_groups[zero3.sub_group_to_group_id[sub_group]]["kind"] != "muon":
+                continue
+            found = []
+            for p in zero3.fp16_groups[sub_group]:
+                group_index, offset, chunk = zero3.grad_position[zero3.get_param_id(p)]
+                assert group_index == sub_group, (group_index, sub_group)
+                found.append(Zero3Matrix(info_of[id(p)], offset, chunk, p.ds_numel))
+            self.zero3_matrices[id(flat)] = found
+
     def _muon_step(self, group: dict) -> None:
         lp_params, infos = self.matrices[group["name"]]
         params = group["params"]
         args = dict(lr=group["lr"], wd=group["weight_decay"], beta=group["momentum"], tp=self.tp,
                     steps=self.ns_steps, ns_dtype=self.ns_dtype)
-        if len(params) == len(infos) and all(p.shape == i.local_shape for p, i in zip(params, infos, strict=True)):
+        if self.zero3_matrices:  # ZeRO-3 steps one sub-group's flat partition at a time
+            for flat in params:
+                muon_step_zero3(flat, self.zero3_matrices[id(flat)], self.state, dp_group=self.dp_group, **args)
+        elif len(params) == len(infos) and all(p.shape == i.local_shape for p, i in zip(params, infos, strict=True)):
             muon_step_shaped(params, infos, self.state, **args)
         elif len(params) == 1 and params[0].dim() == 1:
             muon_step_flat(params[0], lp_params, infos, self.state, dp_group=self.dp_group, **args)
         else:
             raise RuntimeError(f"Muon group {group['name']!r}: unexpected parameter layout "
-                               f"{[tuple(p.shape) for p in params][:4]} (ZeRO-3 is not supported)")
+                               f"{[tuple(p.shape) for p in params][:4]}")
 
 
 def build_optimizer(model: torch.nn.Module, param_roles: Mapping[str, str], train_cfg: Any, *,

@@ -37,6 +37,7 @@ CASES = [  # zero: the stage of each launch
     dict(name="z2-bf16-muon", opt="muon", zero=(2, 2, 2), dtype="bf16"),
     dict(name="z3-fp32-adamw", opt="adamw", zero=(3, 3, 3)),
     dict(name="z3-bf16-adamw", opt="adamw", zero=(3, 3, 3), dtype="bf16"),
+    dict(name="z3-fp32-muon", opt="muon", zero=(3, 3, 3)),
     dict(name="z2-z3-z2-fp32-adamw", opt="adamw", zero=(2, 3, 2)),
 ]
 TP = 2
