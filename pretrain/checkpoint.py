@@ -9,15 +9,19 @@ Layout under `<run>/checkpoints/`:
     latest                       text file with the newest complete step (a hint; COMPLETE decides)
     .tmp-<step>/                 a checkpoint being written (ignored, removed on the next save)
 
-Protocol: every rank writes into `.tmp-<step>/`, barrier, rank 0 writes COMPLETE (fsync), renames the
-directory to `<step>/` (atomic on one filesystem), then rewrites `latest` (temp + rename). A kill at any
-moment leaves either no `<step>/` or a complete one; resume ignores directories without COMPLETE.
+Protocol: every rank writes into `.tmp-<step>/` and fsyncs what it wrote, barrier, rank 0 writes COMPLETE
+(with every file's size; fsync), renames the directory to `<step>/` (atomic on one filesystem), then
+rewrites `latest` (temp + rename). A kill at any moment leaves either no `<step>/` or a complete one;
+resume ignores directories without COMPLETE. A complete checkpoint whose files were damaged later (a
+truncated copy, a full disk during an rsync) fails its size check: `--resume auto` then says so and takes
+the next older one, an explicit `--resume PATH` stops with one line naming the file.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import time
 from collections.abc import Callable
@@ -63,19 +67,54 @@ def list_complete(ckpt_dir: Path) -> list[CheckpointInfo]:
     return sorted(out, key=lambda c: c.step)
 
 
-def find_resume(run_dir: Path, resume: str) -> CheckpointInfo | None:
-    """`none` -> None; `auto` -> newest complete checkpoint of the run (None if there is none);
-    a path -> that checkpoint, which must be complete."""
+def damage(info: CheckpointInfo) -> str | None:
+    """What is wrong with a complete checkpoint's files (missing, or not the size COMPLETE recorded), or
+    None. Checkpoints written before sizes were recorded pass."""
+    for name, size in sorted(info.meta.get("files", {}).items()):
+        path = info.path / name
+        try:
+            actual = path.stat().st_size
+        except OSError:
+            return f"{path}: missing"
+        if actual != size:
+            return f"{path}: {actual} bytes, {COMPLETE} recorded {size}"
+    return None
+
+
+def find_resume(run_dir: Path, resume: str, warn: Callable[[str], None] = print) -> CheckpointInfo | None:
+    """`none` -> None; `auto` -> newest intact complete checkpoint of the run (None if there is none; a
+    damaged one is reported through `warn` and passed over); a path -> that checkpoint, which must be
+    complete and intact."""
     if resume == "none":
         return None
     if resume == "auto":
-        found = list_complete(run_dir / "checkpoints")
-        return found[-1] if found else None
+        for info in reversed(list_complete(run_dir / "checkpoints")):
+            problem = damage(info)
+            if problem is None:
+                return info
+            warn(f"resume: skipping damaged checkpoint {info.path} ({problem})")
+        return None
     path = Path(resume)
     meta = read_complete(path)
     if meta is None:
         raise UserError(f"--resume {resume}: not a complete checkpoint (no readable {COMPLETE} file)")
-    return CheckpointInfo(path, int(meta["step"]), meta)
+    info = CheckpointInfo(path, int(meta["step"]), meta)
+    problem = damage(info)
+    if problem is not None:
+        raise UserError(f"--resume {resume}: damaged checkpoint: {problem}")
+    return info
+
+
+def _fsync_files(directory: Path) -> None:
+    """Flush every file under `directory` from this process's host. Each rank calls it: on a shared
+    filesystem a client can only flush what it wrote, and which DeepSpeed file a rank wrote is its business."""
+    for path in sorted(directory.rglob("*")):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
 
 def save_checkpoint(engine, run_dir: Path, step: int, rank_state: dict, meta: dict, *, keep_last: int,
@@ -92,16 +131,17 @@ def save_checkpoint(engine, run_dir: Path, step: int, rank_state: dict, meta: di
             shutil.rmtree(tmp)
     dist.barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tmp_tag, save_latest=False)
-    state_path = tmp / f"trainer_state_rank{rank}.pt"
-    torch.save(rank_state, state_path)
-    with open(state_path, "rb+") as f:
-        os.fsync(f.fileno())
+    torch.save(rank_state, tmp / f"trainer_state_rank{rank}.pt")
     if write_extra is not None:
         write_extra(tmp)
-    dist.barrier()
+    dist.barrier()  # every file exists
+    _fsync_files(tmp)
+    dist.barrier()  # every file is on disk
     final = ckpt_dir / str(step)
     if rank == 0:
-        record = dict(meta, step=step, world_size=dist.get_world_size(), time=time.time())
+        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+        record = dict(meta, step=step, world_size=dist.get_world_size(), time=time.time(), files=files)
+        fsync_dir(tmp)
         atomic_write(tmp / COMPLETE, json.dumps(record, indent=1))
         if final.exists():  # an older, complete save of the same step (a rollback re-saved it)
             shutil.rmtree(final)
@@ -133,4 +173,21 @@ def load_rank_state(info: CheckpointInfo, rank: int) -> dict:
     if not path.exists():
         raise UserError(f"{info.path}: no trainer state for rank {rank} (saved with world size "
                         f"{info.meta.get('world_size')})")
-    return torch.load(path, weights_only=False)
+    return load_file(path)
+
+
+# what a damaged or foreign file raises from torch.load or DeepSpeed's loader
+LOAD_ERRORS = (RuntimeError, OSError, EOFError, ValueError, KeyError, AssertionError, pickle.UnpicklingError)
+
+
+def load_file(path: Path) -> Any:
+    """torch.load of one of our checkpoint files; a damaged file is a one-line UserError naming it."""
+    try:
+        return torch.load(path, weights_only=False)
+    except LOAD_ERRORS as err:
+        raise UserError(f"{path}: unreadable checkpoint file ({describe_error(err)})") from err
+
+
+def describe_error(err: BaseException) -> str:
+    first = (str(err).strip().splitlines() or [""])[0]
+    return f"{type(err).__name__}: {first[:200]}" if first else type(err).__name__

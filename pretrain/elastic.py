@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from loopstack.errors import UserError
+from pretrain.checkpoint import load_file
 
 STATE_KEYS = {"adamw": ("exp_avg", "exp_avg_sq"), "muon": ("momentum_buffer",)}
 
@@ -110,7 +111,7 @@ def load_full_state(engine, directory: Path, tp_rank: int) -> None:
     if not path.exists():
         raise UserError(f"{directory}: no {file_name(tp_rank)} (saved with checkpoint.elastic: false?); this "
                         f"checkpoint cannot resume on another data-parallel size")
-    saved = torch.load(path, weights_only=False)
+    saved = load_file(path)
     layout = _layout(engine)
     names = _names(engine)
     missing = sorted(set(names.values()) - set(saved["params"]))

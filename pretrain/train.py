@@ -188,8 +188,12 @@ class Trainer:
                 self.log.message(f"resume: ZeRO stage {saved_stage} -> {stage}: weights and optimizer state "
                                  f"re-partitioned from {elastic_file_name(self.env.tp_rank)}")
         else:
-            load_path, _ = self.engine.load_checkpoint(str(info.path.parent), tag=info.path.name,
-                                                       load_lr_scheduler_states=False)
+            try:
+                load_path, _ = self.engine.load_checkpoint(str(info.path.parent), tag=info.path.name,
+                                                           load_lr_scheduler_states=False)
+            except ckpt.LOAD_ERRORS as err:
+                raise UserError(f"{info.path}: DeepSpeed could not load this checkpoint "
+                                f"({ckpt.describe_error(err)})") from err
             if load_path is None:
                 raise UserError(f"{info.path}: DeepSpeed could not load this checkpoint")
         same_layout = meta.get("world_size") == self.env.world_size
@@ -215,7 +219,7 @@ class Trainer:
 
     def fit(self, resume: str) -> int:
         cfg, env = self.cfg, self.env
-        info = ckpt.find_resume(self.run_dir, resume)
+        info = ckpt.find_resume(self.run_dir, resume, warn=self.log.message)
         if info is not None:
             self.restore(info)
             self.log.truncate_after(self.state.step)
@@ -310,14 +314,14 @@ class Trainer:
         self.log.progress(record["step"], record, elapsed, steps_run)
 
     def _rollback(self) -> None:
-        found = ckpt.list_complete(self.run_dir / "checkpoints")
-        if not found:
+        found = ckpt.find_resume(self.run_dir, "auto", warn=self.log.message)
+        if found is None:
             self.log.message("loss spikes in a row but no checkpoint to roll back to: continuing")
             self.guard.reset()
             return
-        self.restore(found[-1], rollback=True)
+        self.restore(found, rollback=True)
         self.guard.reset()
-        self.log.message(f"rolled back to {found[-1].path} after repeated loss spikes; the offending batches are "
+        self.log.message(f"rolled back to {found.path} after repeated loss spikes; the offending batches are "
                          f"skipped")
 
     def evaluate(self) -> dict[int, float]:
@@ -356,7 +360,7 @@ def evaluate_run(cfg: RunConfig, run_dir: Path, checkpoint: str = "auto") -> int
     env = init_distributed(tp=cfg.parallel.tp, seed=cfg.seed)
     try:
         trainer = Trainer(cfg, run_dir, env)
-        info = ckpt.find_resume(run_dir, checkpoint)
+        info = ckpt.find_resume(run_dir, checkpoint, warn=trainer.log.message)
         if info is None:
             raise UserError(f"{run_dir}: no complete checkpoint to evaluate")
         trainer.restore(info)

@@ -34,6 +34,24 @@ def test_resume_auto_takes_newest_complete_and_ignores_partial(tmp_path):
         find_resume(tmp_path, str(tmp_path / "checkpoints" / "30"))
 
 
+def test_damaged_checkpoint_is_passed_over_by_auto_and_refused_by_path(tmp_path):
+    good, newest = _ckpt(tmp_path, 10), _ckpt(tmp_path, 20)
+    for d in (good, newest):
+        meta = json.loads((d / COMPLETE).read_text())
+        (d / COMPLETE).write_text(json.dumps(dict(meta, files={"mp_rank_00_model_states.pt": 1})))
+    assert find_resume(tmp_path, "auto").step == 20
+    (newest / "mp_rank_00_model_states.pt").write_bytes(b"")  # truncated after it was completed
+    said = []
+    assert find_resume(tmp_path, "auto", warn=said.append).step == 10
+    assert said == [f"resume: skipping damaged checkpoint {newest} ({newest}/mp_rank_00_model_states.pt: 0 bytes, "
+                    f"COMPLETE recorded 1)"]
+    with pytest.raises(UserError, match="damaged checkpoint: .*20/mp_rank_00_model_states.pt: 0 bytes"):
+        find_resume(tmp_path, str(newest))
+    (good / "mp_rank_00_model_states.pt").unlink()
+    assert find_resume(tmp_path, "auto", warn=said.append) is None
+    assert said[-1].endswith("10/mp_rank_00_model_states.pt: missing)")
+
+
 def test_prune_keeps_last_n_and_every_mth(tmp_path):
     for s in (100, 200, 300, 400, 500):
         _ckpt(tmp_path, s)

@@ -178,3 +178,38 @@ def test_resume_on_a_different_data_parallel_size(smoke_data, tmp_path):
         for zero in set(got) - {0}:
             worst = max(_rel(got[0][s], got[zero][s]) for s in range(5, 8))
             assert worst < 1e-5, f"{opt}: ZeRO-{zero} resized run differs from ZeRO-0 by {worst:.2e}: {got}"
+
+
+def test_damaged_checkpoints_are_skipped_or_refused_in_one_line(smoke_data, tmp_path):
+    """A complete checkpoint damaged afterwards: `--resume auto` says so, takes the older one and the run
+    continues bit-identically; an explicit path to it, or a file garbled at its recorded size, is one line."""
+    flags = smoke_data + ["train.steps=8", "checkpoint.every=4", "logging.every=1", "eval.batches=1",
+                          "eval.loops=[1]"]
+    run = tmp_path / "run"
+    run_train(1, run, flags)
+    want = losses(run)
+    ckpts = run / "checkpoints"
+    meta = json.loads((ckpts / "8" / "COMPLETE").read_text())
+    assert meta["files"]["trainer_state_rank0.pt"] == (ckpts / "8" / "trainer_state_rank0.pt").stat().st_size
+    model_file = next(name for name in meta["files"] if name.startswith("mp_rank_"))
+    with open(ckpts / "8" / model_file, "r+b") as f:  # a copy cut short
+        f.truncate(100)
+
+    bad = run_train(1, run, flags, "--resume", str(ckpts / "8"), expect=2)
+    assert f"damaged checkpoint: {ckpts / '8' / model_file}: 100 bytes" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+    out = run_train(1, run, flags)  # auto: passes over step 8, resumes from 4, re-saves 8
+    assert f"skipping damaged checkpoint {ckpts / '8'}" in out.stdout
+    assert f"resumed from {ckpts / '4'} at step 4" in out.stdout
+    assert losses(run) == want
+
+    state = ckpts / "4" / "trainer_state_rank0.pt"  # garbled in place: right size, wrong bytes
+    state.write_bytes(b"\0" * state.stat().st_size)
+    bad = run_train(1, run, flags + ["train.steps=9"], "--resume", str(ckpts / "4"), expect=2)
+    assert f"{state}: unreadable checkpoint file" in bad.stderr and "Traceback" not in bad.stderr
+    model = ckpts / "8" / model_file
+    model.write_bytes(b"\0" * model.stat().st_size)
+    bad = run_train(1, run, flags + ["train.steps=9"], expect=2)
+    assert f"{ckpts / '8'}: DeepSpeed could not load this checkpoint" in bad.stderr
+    assert "Traceback" not in bad.stderr
