@@ -180,10 +180,10 @@ def load_rank_state(info: CheckpointInfo, rank: int) -> dict:
 LOAD_ERRORS = (RuntimeError, OSError, EOFError, ValueError, KeyError, AssertionError, pickle.UnpicklingError)
 
 
-def load_file(path: Path) -> Any:
+def load_file(path: Path, mmap: bool = False) -> Any:
     """torch.load of one of our checkpoint files; a damaged file is a one-line UserError naming it."""
     try:
-        return torch.load(path, weights_only=False)
+        return torch.load(path, weights_only=False, mmap=mmap)
     except LOAD_ERRORS as err:
         raise UserError(f"{path}: unreadable checkpoint file ({describe_error(err)})") from err
 

@@ -25,6 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--checkpoint", default="auto", help="checkpoint dir (default: the newest complete one)")
     ev.add_argument("--loops", default="", help="comma-separated loop counts (default: config's eval.loops)")
     ev.add_argument("--batches", type=int, default=0, help="eval batches per loop count (default: config's)")
+    add_set_flag(ev)
     ev.set_defaults(func=_eval)
 
 
@@ -38,6 +39,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    import os
     from pathlib import Path
 
     from loopstack.errors import UserError
@@ -46,7 +48,7 @@ def _eval(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     if not (run_dir / "config.yaml").exists():
         raise UserError(f"{run_dir}: no config.yaml (not a run directory made by `loopstack train`)")
-    overrides = []
+    overrides = list(args.overrides)
     if args.loops:
         try:
             loops = [int(x) for x in args.loops.split(",") if x.strip()]
@@ -56,6 +58,11 @@ def _eval(args: argparse.Namespace) -> int:
     if args.batches:
         overrides.append(f"eval.batches={args.batches}")
     cfg = load_config(run_dir / "config.yaml", overrides)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world % cfg.parallel.tp and not any(o.startswith("parallel.tp=") for o in overrides):
+        # a run trained with TP on many GPUs, evaluated here: ZeRO 1-3 checkpoints re-shard on load
+        print(f"eval: {world} process(es), the run used parallel.tp = {cfg.parallel.tp}: evaluating with tp = 1")
+        cfg = load_config(run_dir / "config.yaml", [*overrides, "parallel.tp=1"])
     from pretrain.train import evaluate_run
 
     return evaluate_run(cfg, run_dir, args.checkpoint)

@@ -99,19 +99,49 @@ def save_full_state(engine, directory: Path, tp_rank: int, dp_rank: int) -> None
         torch.save({"params": params, "steps": steps}, directory / file_name(tp_rank))
 
 
+def _read(directory: Path, tp_rank: int) -> dict:
+    path = directory / file_name(tp_rank)
+    if not path.exists():
+        raise UserError(f"{directory}: no {file_name(tp_rank)} (saved with checkpoint.elastic: false?); this "
+                        f"checkpoint cannot resume on another data-parallel size, tensor-parallel size or stage")
+    return load_file(path, mmap=True)  # mapped: a TP change reads every TP rank's file, only what it needs
+
+
+def _tp_split_dims(engine) -> dict[str, int | None]:
+    """Each parameter's megatron split dim (None = replicated on every TP rank). Every loopstack parameter
+    carries `tensor_model_parallel` / `partition_dim`, at any TP size, and its shards are plain chunks."""
+    return {n: int(p.partition_dim) if getattr(p, "tensor_model_parallel", False) else None
+            for n, p in engine.module.named_parameters()}
+
+
+def read_saved_state(engine, directory: Path, tp_rank: int, saved_tp: int, tp: int) -> dict:
+    """The saved whole tensors for TP rank `tp_rank` of `tp`, from a checkpoint of `saved_tp` TP ranks: each
+    sharded tensor is rebuilt from every old TP rank's file and split again."""
+    files = [_read(directory, r) for r in range(saved_tp)]
+    dims = _tp_split_dims(engine)
+    params = {}
+    for name, entry in files[0]["params"].items():
+        dim = dims.get(name)
+        params[name] = {key: value if dim is None else
+                        torch.cat([f["params"][name][key] for f in files], dim).chunk(tp, dim)[tp_rank].clone()
+                        for key, value in entry.items()}
+    return {"params": params, "steps": files[0]["steps"]}
+
+
 @torch.no_grad()
-def load_full_state(engine, directory: Path, tp_rank: int) -> None:
+def load_full_state(engine, directory: Path, tp_rank: int, saved_tp: int | None = None,
+                    tp: int | None = None) -> None:
     """Set this run's weights, fp32 masters and optimizer state from the saved whole tensors, partitioned for
-    this run's DP size and ZeRO stage (1-3; the model has no buffers, so nothing else is needed). Collective
-    over the DP group."""
+    this run's DP size, TP size and ZeRO stage (1-3; the model has no buffers, so nothing else is needed).
+    Collective over the DP group."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
     from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
 
     path = directory / file_name(tp_rank)
-    if not path.exists():
-        raise UserError(f"{directory}: no {file_name(tp_rank)} (saved with checkpoint.elastic: false?); this "
-                        f"checkpoint cannot resume on another data-parallel size")
-    saved = load_file(path)
+    if saved_tp is None or saved_tp == tp:
+        saved = _read(directory, tp_rank)
+    else:
+        saved = read_saved_state(engine, directory, tp_rank, saved_tp, tp)
     layout = _layout(engine)
     names = _names(engine)
     missing = sorted(set(names.values()) - set(saved["params"]))

@@ -172,18 +172,20 @@ class Trainer:
         if meta.get("tokenizer_sha256") not in (None, self.tokenizer.sha256):
             raise UserError(f"{info.path}: written with tokenizer {meta['tokenizer_sha256'][:12]}, this run uses "
                             f"{self.tokenizer.sha256[:12]} ({self.cfg.tokenizer.dir})")
-        if meta.get("tp") not in (None, self.env.tp):
-            raise UserError(f"{info.path}: saved with parallel.tp = {meta['tp']}, this run has {self.env.tp}")
-        stage = self.cfg.parallel.zero_stage
+        stage, tp, dp = self.cfg.parallel.zero_stage, self.env.tp, self.env.dp
         saved_stage = meta.get("config", {}).get("parallel", {}).get("zero_stage", stage)
+        saved_tp, saved_dp = meta.get("tp", tp), meta.get("dp", dp)
         if saved_stage != stage and 0 in (saved_stage, stage):
             raise UserError(f"{info.path}: saved with parallel.zero_stage = {saved_stage}, this run has {stage}: "
                             f"ZeRO-0 and ZeRO 1-3 optimizer states do not convert; resume with zero_stage "
                             f"{saved_stage}")
-        # ZeRO 1-3 partitions are tied to the DP size and stage: rebuild them from the whole tensors we saved
-        resize = stage >= 1 and (meta.get("dp") not in (None, self.env.dp) or saved_stage != stage)
+        if saved_tp != tp and stage == 0:
+            raise UserError(f"{info.path}: saved with parallel.tp = {saved_tp}, this run has {tp}: changing the "
+                            f"tensor-parallel size needs a ZeRO 1-3 checkpoint (parallel.zero_stage >= 1)")
+        # ZeRO 1-3 partitions are tied to the layout and stage: rebuild them from the whole tensors we saved
+        resize = stage >= 1 and (saved_dp != dp or saved_tp != tp or saved_stage != stage)
         if resize:
-            load_full_state(self.engine, info.path, self.env.tp_rank)
+            load_full_state(self.engine, info.path, self.env.tp_rank, saved_tp=saved_tp, tp=tp)
             if saved_stage != stage:
                 self.log.message(f"resume: ZeRO stage {saved_stage} -> {stage}: weights and optimizer state "
                                  f"re-partitioned from {elastic_file_name(self.env.tp_rank)}")
@@ -196,7 +198,7 @@ class Trainer:
                                 f"({ckpt.describe_error(err)})") from err
             if load_path is None:
                 raise UserError(f"{info.path}: DeepSpeed could not load this checkpoint")
-        same_layout = meta.get("world_size") == self.env.world_size
+        same_layout = meta.get("world_size") == self.env.world_size and saved_tp == tp
         rank_state = ckpt.load_rank_state(info, self.env.rank if same_layout else 0)
         if rollback:  # keep the data position (skips the offending batches) and the counters of skips
             self.state.step = rank_state["state"]["step"]
@@ -209,11 +211,12 @@ class Trainer:
             restore_rng_state(rank_state["rng"])
             self.engine.module.load_noise_state(rank_state["model_noise"])
         else:
+            changed = [f"{what} size {old} -> {new}" for what, old, new in
+                       (("tensor-parallel", saved_tp, tp), ("data-parallel", saved_dp, dp)) if old != new]
             self.log.message(
-                f"resume: data-parallel size {meta.get('dp')} -> {self.env.dp}: model and optimizer loaded; the "
-                f"data stream continues from global sample position of step {self.state.step} (no sample repeated "
-                f"or skipped), but each rank's share of a global batch differs from the old layout, and RNG "
-                f"streams are re-seeded")
+                f"resume: {' and '.join(changed)}: model and optimizer loaded; the data stream continues from "
+                f"global sample position of step {self.state.step} (no sample repeated or skipped), but each "
+                f"rank's share of a global batch differs from the old layout, and RNG streams are re-seeded")
 
     # --- the loop ------------------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ later launch starts from *different* weights, loads, and trains the same 2 steps
 - the continuation on DP=1 matches the uninterrupted DP=2 run to fp32 (or bf16) tolerance, and back on the
   original layout it is bit-identical.
 Cases cover ZeRO-1/2/3, fp32 and bf16 (DeepSpeed's three optimizer wrappers), AdamW and Muon, and a run
-that moves from ZeRO-2 to ZeRO-3 and back.
+that moves from ZeRO-2 to ZeRO-3 and back. A fourth launch changes the tensor-parallel size (2 -> 1).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch
 from tests.dist import run_distributed
 from tests.trainer.test_engine import (
     ROLES,
+    TP_DIM,
     TPNet,
     _cfg,
     _local_weights,
@@ -43,26 +44,26 @@ CASES = [  # zero: the stage of each launch
 TP = 2
 
 
-def _phase(index: int, root: str, load_from: str | None, save_to: str) -> dict:
+def _phase(index: int, root: str, load_from: str | None, save_to: str, tp: int = TP, saved_tp: int = TP) -> dict:
     """One launch: every case builds an engine (fresh weights, or shifted ones that the load must replace),
     optionally loads, saves the whole-tensor state, then trains steps 2 and 3."""
     from pretrain.distributed import init_distributed
     from pretrain.elastic import load_full_state, save_full_state
     from pretrain.engine import build_engine
 
-    env = init_distributed(tp=TP, seed=0)
+    env = init_distributed(tp=tp, seed=0)
     data = batches(4)
     results = {"rank": env.rank, "tp_rank": env.tp_rank, "dp_rank": env.dp_rank, "dp": env.dp}
     for spec in CASES:
-        case = {**spec, "zero": spec["zero"][index], "tp": TP, "micro": 8 // env.dp, "warmup": 0}
+        case = {**spec, "zero": spec["zero"][index], "tp": tp, "micro": 8 // env.dp, "warmup": 0}
         cfg = _cfg(case, steps=4)
         out: dict = {}
         if load_from is None:
-            engine = build_engine(TPNet(full_weights(), TP, env.tp_rank), cfg, env, ROLES)
+            engine = build_engine(TPNet(full_weights(), tp, env.tp_rank), cfg, env, ROLES)
             _train(engine, env, cfg, case, data[:2])
         else:
-            engine = build_engine(TPNet(full_weights_shifted(), TP, env.tp_rank), cfg, env, ROLES)
-            load_full_state(engine, Path(root) / spec["name"] / load_from, env.tp_rank)
+            engine = build_engine(TPNet(full_weights_shifted(), tp, env.tp_rank), cfg, env, ROLES)
+            load_full_state(engine, Path(root) / spec["name"] / load_from, env.tp_rank, saved_tp=saved_tp, tp=tp)
             out["loaded"] = _local_weights(engine, case["zero"])
         target = Path(root) / spec["name"] / save_to
         target.mkdir(parents=True, exist_ok=True)
@@ -80,6 +81,13 @@ def chain(tmp_path_factory):
     grown = run_distributed(_phase, 4, args=(2, root, "b", "c"), timeout=400)
     assert [r["dp"] for r in first + shrunk + grown] == [2] * 4 + [1] * 2 + [2] * 4
     return Path(root), first, shrunk, grown
+
+
+@pytest.fixture(scope="module")
+def tp_changed(chain):
+    """A fourth launch: TP=1 x DP=2 loads the TP=2 x DP=2 state "a", saves "d", trains on."""
+    root = chain[0]
+    return run_distributed(_phase, 2, args=(0, str(root), "a", "d", 1, TP), timeout=400)
 
 
 def _load(root: Path, name: str, tag: str, tp_rank: int) -> dict:
@@ -124,3 +132,23 @@ def test_training_continues_as_if_never_resized(chain, name):
     assert shrunk[0][name]["loss"] == pytest.approx(cont, rel=tol), name
     assert all(r[name]["loss"] == grown[0][name]["loss"] for r in grown)
     assert grown[0][name]["loss"] == cont, name  # back on the saved layout: bit-identical
+
+
+@pytest.mark.parametrize("name", [c["name"] for c in CASES])
+def test_tensor_parallel_size_change_rebuilds_the_shards(chain, tp_changed, name):
+    """TP 2 -> 1: every saved tensor (weights, moments, momentum) is the concatenation of the old TP shards
+    along megatron's split dim; the model gets those weights and trains on as the TP=2 run did."""
+    root, first = chain[0], chain[1]
+    old = [_load(root, name, "a", r) for r in range(TP)]
+    new = _load(root, name, "d", 0)
+    for pname, entry in new["params"].items():
+        for key, tensor in entry.items():
+            want = torch.cat([o["params"][pname][key] for o in old], TP_DIM[pname]) if pname in TP_DIM \
+                else old[0]["params"][pname][key]
+            assert torch.equal(tensor, want), (name, pname, key)
+    dtype = torch.bfloat16 if "bf16" in name else torch.float32
+    for r in tp_changed:
+        for pname, array in r[name]["loaded"].items():
+            assert torch.equal(torch.from_numpy(array), new["params"][pname]["fp32"].to(dtype).float()), pname
+    tol = 2e-2 if "bf16" in name else 1e-5
+    assert tp_changed[0][name]["loss"] == pytest.approx(first[0][name]["loss"], rel=tol), name
