@@ -5,7 +5,8 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHMARKS = ["benchmarks.bench_data", "benchmarks.bench_models", "benchmarks.bench_trainer"]
+BENCHMARKS = ["benchmarks.bench_data", "benchmarks.bench_models", "benchmarks.bench_trainer",
+              "benchmarks.bench_checkpoint"]
 
 
 def main(argv: list[str]) -> int:

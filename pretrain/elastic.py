@@ -13,9 +13,10 @@ Layouts: ZeRO-1/2 (DeepSpeedZeroOptimizer; BF16_Optimizer for bf16 ZeRO-1) give 
 flat fp32 partition per param group; ZeRO-3 splits each param group into sub-groups, one flat partition
 each. Both are handled as "units": (param group index, flat partition, the model parameters it holds).
 
-Cost: one all-gather per parameter and state over the DP group at save time, and a file per TP rank holding
-the fp32 weights and state (3x the fp32 model for AdamW), written by DP rank 0 (`checkpoint.elastic: false`
-turns it off; such checkpoints resume on the same DP size only).
+Cost: one all-gather per parameter and state over the DP group at save time, and per TP rank the fp32
+weights and state (3x the fp32 model for AdamW), written in DP parts (`elastic_state_tp<t>_part<k>of<n>.pt`:
+each DP rank keeps and writes the tensors it owns, balanced by size, so the write and the host memory are
+spread). `checkpoint.elastic: false` turns it off; such checkpoints resume on the same layout only.
 """
 
 from __future__ import annotations
@@ -44,8 +45,19 @@ class _Layout(NamedTuple):
     zero3: Any  # DeepSpeedZeroOptimizer_Stage3, or None for ZeRO-1/2
 
 
-def file_name(tp_rank: int) -> str:
-    return f"elastic_state_tp{tp_rank}.pt"
+def file_name(tp_rank: int, part: int, parts: int) -> str:
+    """Each DP rank writes one part of its TP rank's whole-tensor state (writes and host memory spread)."""
+    return f"elastic_state_tp{tp_rank}_part{part}of{parts}.pt"
+
+
+def _owners(sizes: list[int], parts: int) -> list[int]:
+    """Which part holds each tensor: greedy by size, in order, so every rank computes the same answer."""
+    load, owner = [0] * parts, []
+    for size in sizes:
+        k = min(range(parts), key=lambda i: (load[i], i))
+        load[k] += size
+        owner.append(k)
+    return owner
 
 
 def _layout(engine) -> _Layout:
@@ -73,13 +85,16 @@ def _host(t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def save_full_state(engine, directory: Path, tp_rank: int, dp_rank: int) -> None:
-    """Collective over the DP group: every rank calls it; DP rank 0 writes the file."""
+def save_full_state(engine, directory: Path, tp_rank: int, dp_rank: int, dp: int) -> None:
+    """Collective over the DP group: every rank calls it and writes its part."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
     from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
 
     layout = _layout(engine)
     names = _names(engine)
+    in_order = [p for unit in layout.units for p in unit.params]
+    owner = dict(zip(map(id, in_order), _owners([int(getattr(p, "ds_numel", p.numel())) for p in in_order], dp),
+                     strict=True))
     params, steps = {}, {}
     for unit in layout.units:
         kind = layout.base.param_groups[unit.group]["kind"]
@@ -89,22 +104,35 @@ def save_full_state(engine, directory: Path, tp_rank: int, dp_rank: int) -> None
         stepped = bool(state)  # identical on every rank: all have taken the same optimizer steps
         if stepped and layout.zero3 is None:  # ZeRO-1/2 link state fragments lazily; point them at this state
             lazy_init_hp_params_optimizer_state(unit.params, unit.flat, layout.base.state)
-        for p in unit.params:
-            entry = {"fp32": _host(safe_get_full_fp32_param(p))}
+        for p in unit.params:  # every rank takes part in each gather; the owner keeps the result
+            mine = owner[id(p)] == dp_rank
+            entry = {"fp32": safe_get_full_fp32_param(p)}
             if stepped:
                 for key in STATE_KEYS[kind]:
-                    entry[key] = _host(safe_get_full_optimizer_state(p, key))
-            params[names[id(p)]] = entry
-    if dp_rank == 0:
-        torch.save({"params": params, "steps": steps}, directory / file_name(tp_rank))
+                    entry[key] = safe_get_full_optimizer_state(p, key)
+            if mine:
+                params[names[id(p)]] = {key: _host(value) for key, value in entry.items()}
+    torch.save({"params": params, "steps": steps}, directory / file_name(tp_rank, dp_rank, dp))
 
 
-def _read(directory: Path, tp_rank: int) -> dict:
-    path = directory / file_name(tp_rank)
-    if not path.exists():
-        raise UserError(f"{directory}: no {file_name(tp_rank)} (saved with checkpoint.elastic: false?); this "
-                        f"checkpoint cannot resume on another data-parallel size, tensor-parallel size or stage")
-    return load_file(path, mmap=True)  # mapped: a TP change reads every TP rank's file, only what it needs
+def read_whole_state(directory: Path, tp_rank: int) -> dict:
+    """TP rank `tp_rank`'s whole-tensor state, {"params": {name: {"fp32", moments...}}, "steps": {...}},
+    merged from every part (memory-mapped: a TP change reads every TP rank's parts, only what it needs)."""
+    found = sorted(directory.glob(f"elastic_state_tp{tp_rank}_part*of*.pt"))
+    if not found:
+        raise UserError(f"{directory}: no elastic_state_tp{tp_rank}_part*.pt (saved with checkpoint.elastic: "
+                        f"false?); this checkpoint cannot resume on another data-parallel size, tensor-parallel "
+                        f"size or stage")
+    parts = int(found[0].stem.rsplit("of", 1)[1])
+    for k in range(parts):
+        if not (directory / file_name(tp_rank, k, parts)).exists():
+            raise UserError(f"{directory}: {file_name(tp_rank, k, parts)} is missing")
+    merged: dict = {"params": {}, "steps": {}}
+    for k in range(parts):
+        part = load_file(directory / file_name(tp_rank, k, parts), mmap=True)
+        merged["params"].update(part["params"])
+        merged["steps"] = part["steps"]  # the same in every part
+    return merged
 
 
 def _tp_split_dims(engine) -> dict[str, int | None]:
@@ -117,7 +145,7 @@ def _tp_split_dims(engine) -> dict[str, int | None]:
 def read_saved_state(engine, directory: Path, tp_rank: int, saved_tp: int, tp: int) -> dict:
     """The saved whole tensors for TP rank `tp_rank` of `tp`, from a checkpoint of `saved_tp` TP ranks: each
     sharded tensor is rebuilt from every old TP rank's file and split again."""
-    files = [_read(directory, r) for r in range(saved_tp)]
+    files = [read_whole_state(directory, r) for r in range(saved_tp)]
     dims = _tp_split_dims(engine)
     params = {}
     for name, entry in files[0]["params"].items():
@@ -137,9 +165,9 @@ def load_full_state(engine, directory: Path, tp_rank: int, saved_tp: int | None 
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
     from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
 
-    path = directory / file_name(tp_rank)
+    path = directory / f"elastic_state_tp{tp_rank}_part*.pt"
     if saved_tp is None or saved_tp == tp:
-        saved = _read(directory, tp_rank)
+        saved = read_whole_state(directory, tp_rank)
     else:
         saved = read_saved_state(engine, directory, tp_rank, saved_tp, tp)
     layout = _layout(engine)

@@ -30,7 +30,6 @@ from pretrain.distributed import (
     restore_rng_state,
     shutdown,
 )
-from pretrain.elastic import file_name as elastic_file_name
 from pretrain.elastic import load_full_state, save_full_state
 from pretrain.guards import LossGuard
 from pretrain.metrics import MetricsLogger, Throughput, device_peak_flops
@@ -159,7 +158,8 @@ class Trainer:
                       "state": asdict(self.state), "guard": self.guard.state_dict(),
                       "model_noise": self.engine.module.noise_state()}
         elastic = self.cfg.parallel.zero_stage >= 1 and self.cfg.checkpoint.elastic  # ZeRO-0 state is whole
-        write_extra = (lambda d: save_full_state(self.engine, d, self.env.tp_rank, self.env.dp_rank)) if elastic \
+        env = self.env
+        write_extra = (lambda d: save_full_state(self.engine, d, env.tp_rank, env.dp_rank, env.dp)) if elastic \
             else None
         path = ckpt.save_checkpoint(self.engine, self.run_dir, self.state.step, rank_state, self._meta(),
                                     keep_last=self.cfg.checkpoint.keep_last,
@@ -188,7 +188,7 @@ class Trainer:
             load_full_state(self.engine, info.path, self.env.tp_rank, saved_tp=saved_tp, tp=tp)
             if saved_stage != stage:
                 self.log.message(f"resume: ZeRO stage {saved_stage} -> {stage}: weights and optimizer state "
-                                 f"re-partitioned from {elastic_file_name(self.env.tp_rank)}")
+                                 f"re-partitioned from the whole-tensor state")
         else:
             try:
                 load_path, _ = self.engine.load_checkpoint(str(info.path.parent), tag=info.path.name,

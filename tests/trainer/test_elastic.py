@@ -67,7 +67,7 @@ def _phase(index: int, root: str, load_from: str | None, save_to: str, tp: int =
             out["loaded"] = _local_weights(engine, case["zero"])
         target = Path(root) / spec["name"] / save_to
         target.mkdir(parents=True, exist_ok=True)
-        save_full_state(engine, target, env.tp_rank, env.dp_rank)
+        save_full_state(engine, target, env.tp_rank, env.dp_rank, env.dp)
         out["loss"] = _train(engine, env, cfg, case, data[2:], first_step=2)["loss"]
         results[spec["name"]] = out
     return results
@@ -91,7 +91,9 @@ def tp_changed(chain):
 
 
 def _load(root: Path, name: str, tag: str, tp_rank: int) -> dict:
-    return torch.load(root / name / tag / f"elastic_state_tp{tp_rank}.pt", weights_only=False)
+    from pretrain.elastic import read_whole_state
+
+    return read_whole_state(root / name / tag, tp_rank)
 
 
 @pytest.mark.parametrize("name", [c["name"] for c in CASES])
@@ -152,3 +154,24 @@ def test_tensor_parallel_size_change_rebuilds_the_shards(chain, tp_changed, name
             assert torch.equal(torch.from_numpy(array), new["params"][pname]["fp32"].to(dtype).float()), pname
     tol = 2e-2 if "bf16" in name else 1e-5
     assert tp_changed[0][name]["loss"] == pytest.approx(first[0][name]["loss"], rel=tol), name
+
+
+def test_every_dp_rank_writes_a_part_and_a_missing_part_is_named(chain, tmp_path):
+    import shutil
+
+    from loopstack.errors import UserError
+    from pretrain.elastic import read_whole_state
+
+    root = chain[0]
+    for tag, dp in (("a", 2), ("b", 1)):
+        parts = sorted((root / "z1-fp32-muon" / tag).glob("elastic_state_tp0_part*.pt"))
+        assert [p.name for p in parts] == [f"elastic_state_tp0_part{k}of{dp}.pt" for k in range(dp)]
+        names = [set(torch.load(p, weights_only=False)["params"]) for p in parts]
+        assert all(names) and set().union(*names) == set(ROLES) and sum(map(len, names)) == len(ROLES)
+    broken = tmp_path / "broken"
+    shutil.copytree(root / "z1-fp32-muon" / "a", broken)
+    (broken / "elastic_state_tp1_part1of2.pt").unlink()
+    with pytest.raises(UserError, match="elastic_state_tp1_part1of2.pt is missing"):
+        read_whole_state(broken, 1)
+    with pytest.raises(UserError, match="no elastic_state_tp2_part"):
+        read_whole_state(broken, 2)
