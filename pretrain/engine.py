@@ -26,6 +26,7 @@ underneath does nothing. Weights, moments, Muon momenta and Adam step counts are
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Mapping
@@ -190,6 +191,28 @@ def step_or_skip(engine: Engine, loss_is_finite: bool = True) -> StepOutcome:
     return engine.step(loss_is_finite)
 
 
+class _DropMessage(logging.Filter):
+    def __init__(self, *needles: str):
+        super().__init__()
+        self.needles = needles
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not all(n in record.getMessage() for n in self.needles)
+
+
+def _quiet_root_output_warning(model: torch.nn.Module) -> None:
+    """ZeRO-3 hooks each module's outputs to gather that module's own parameters before its backward; it
+    cannot look into our model's output dataclass and logs so once per run. When the root module owns no
+    parameters (all live in submodules, whose outputs are plain tensors) nothing is missed and the message
+    is noise: drop exactly that one. A root with parameters of its own keeps the warning."""
+    if any(True for _ in model.parameters(recurse=False)):
+        return
+    from deepspeed.utils import logger
+
+    if not any(isinstance(f, _DropMessage) for f in logger.filters):
+        logger.addFilter(_DropMessage("unknown inputs or outputs type", type(model).__module__))
+
+
 def build_engine(model: torch.nn.Module, cfg: Any, env: DistEnv, param_roles: Mapping[str, str]) -> Engine:
     """`deepspeed.initialize` for `model` with our optimizer, config and megatron's groups."""
     prepare_deepspeed()
@@ -214,6 +237,7 @@ def build_engine(model: torch.nn.Module, cfg: Any, env: DistEnv, param_roles: Ma
         optimizer.skip_next_step = False
     if cfg.parallel.zero_stage == 3:
         optimizer.bind_zero3(ds_engine.optimizer)
+        _quiet_root_output_warning(model)
         # ZeRO-3 gathers a module's own parameters around its forward/backward; a parameter used by another
         # module (a tied head reading the embedding) must be registered there, or it is seen partitioned (empty)
         for module, param in getattr(model, "external_parameters", lambda: [])():
