@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 
 from loopstack.errors import UserError
-from loopstack.fileio import atomic_write_json
+from loopstack.fileio import atomic_write_json, fsync_path
 
 FORMAT = "loopstack.shards/1"
 MANIFEST = "manifest.json"
@@ -109,8 +109,7 @@ class ShardWriter:
     def _close_part(self) -> None:
         self._writer.close()
         self._sink.close()
-        with open(self._tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        fsync_path(self._tmp)
         name = shard_name(self.unit, len(self.parts))
         final = self.out_dir / name
         digest = sha256_file(self._tmp)

@@ -20,15 +20,15 @@ def atomic_write(path: str | os.PathLike, data: str | bytes, *, mode: int | None
     if mode is not None:
         os.chmod(tmp, mode)
     os.replace(tmp, path)
-    fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 def atomic_write_json(path: str | os.PathLike, obj, indent: int | None = 1) -> None:
     atomic_write(path, json.dumps(obj, indent=indent) + "\n")
 
 
-def fsync_dir(path: str | os.PathLike) -> None:
-    """Make a rename in `path` durable (the directory entry itself is data)."""
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file already written and closed, or a directory's entries (a rename in it is data too)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from loopstack.errors import UserError
-from loopstack.fileio import atomic_write, fsync_dir
+from loopstack.fileio import atomic_write, fsync_path
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
@@ -110,11 +110,7 @@ def _fsync_files(directory: Path) -> None:
     filesystem a client can only flush what it wrote, and which DeepSpeed file a rank wrote is its business."""
     for path in sorted(directory.rglob("*")):
         if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_path(path)
 
 
 def save_checkpoint(engine, run_dir: Path, step: int, rank_state: dict, meta: dict, *, keep_last: int,
@@ -141,12 +137,12 @@ def save_checkpoint(engine, run_dir: Path, step: int, rank_state: dict, meta: di
     if rank == 0:
         files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
         record = dict(meta, step=step, world_size=dist.get_world_size(), time=time.time(), files=files)
-        fsync_dir(tmp)
+        fsync_path(tmp)
         atomic_write(tmp / COMPLETE, json.dumps(record, indent=1))
         if final.exists():  # an older, complete save of the same step (a rollback re-saved it)
             shutil.rmtree(final)
         os.replace(tmp, final)
-        fsync_dir(ckpt_dir)
+        fsync_path(ckpt_dir)
         atomic_write(ckpt_dir / LATEST, f"{step}\n")
         prune(ckpt_dir, keep_last=keep_last, keep_every=keep_every)
     dist.barrier()
