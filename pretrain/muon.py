@@ -106,17 +106,22 @@ def nesterov_(momentum: torch.Tensor, grad: torch.Tensor, beta: float) -> torch.
     return grad.lerp(momentum, beta)
 
 
+def momentum_update(p: torch.Tensor, state: dict, beta: float) -> torch.Tensor:
+    """The Nesterov momentum update of `p` (a matrix, or a flat ZeRO partition), from its gradient (none =
+    zero) and its `momentum_buffer` in the optimizer's `state` (created on first use)."""
+    grad = p.grad if p.grad is not None else torch.zeros_like(p)
+    st = state[p]
+    if "momentum_buffer" not in st:
+        st["momentum_buffer"] = torch.zeros_like(p)
+    return nesterov_(st["momentum_buffer"], grad.to(p.dtype), beta)
+
+
 @torch.no_grad()
 def muon_step_shaped(params: list[torch.Tensor], infos: list[MatrixInfo], state: dict, lr: float, wd: float,
                      beta: float, tp: TPContext, steps: int, ns_dtype: torch.dtype) -> None:
     """ZeRO 0: params are the matrices themselves (or same-shaped fp32 masters), grads already DP-averaged."""
     for p, info in zip(params, infos, strict=True):
-        grad = p.grad if p.grad is not None else torch.zeros_like(p)
-        st = state[p]
-        if "momentum_buffer" not in st:
-            st["momentum_buffer"] = torch.zeros_like(p)
-        u = nesterov_(st["momentum_buffer"], grad.to(p.dtype), beta)
-        o = orthogonalize(u, info, tp, steps, ns_dtype)
+        o = orthogonalize(momentum_update(p, state, beta), info, tp, steps, ns_dtype)
         p.mul_(1 - lr * wd).add_(o.to(p.dtype), alpha=-lr)
 
 
@@ -125,11 +130,7 @@ def muon_step_flat(flat: torch.Tensor, lp_params: list[torch.Tensor], infos: lis
                    lr: float, wd: float, beta: float, dp_group: dist.ProcessGroup | None, tp: TPContext,
                    steps: int, ns_dtype: torch.dtype) -> None:
     """ZeRO 1/2: `flat` is this rank's fp32 partition of the group; `lp_params` are the model's matrices."""
-    grad = flat.grad if flat.grad is not None else torch.zeros_like(flat)
-    st = state[flat]
-    if "momentum_buffer" not in st:
-        st["momentum_buffer"] = torch.zeros_like(flat)
-    u = nesterov_(st["momentum_buffer"], grad.to(flat.dtype), beta)
+    u = momentum_update(flat, state, beta)
     delta = torch.zeros_like(flat)
     for lp, info in zip(lp_params, infos, strict=True):
         frag = getattr(lp, "_hp_mapping", None)
@@ -162,11 +163,7 @@ def muon_step_zero3(flat: torch.Tensor, matrices: list[Zero3Matrix], state: dict
                     beta: float, dp_group: dist.ProcessGroup | None, tp: TPContext, steps: int,
                     ns_dtype: torch.dtype) -> None:
     """ZeRO 3: `flat` is this rank's fp32 partition of one sub-group; `matrices` say where each matrix is."""
-    grad = flat.grad if flat.grad is not None else torch.zeros_like(flat)
-    st = state[flat]
-    if "momentum_buffer" not in st:
-        st["momentum_buffer"] = torch.zeros_like(flat)
-    u = nesterov_(st["momentum_buffer"], grad.to(flat.dtype), beta)
+    u = momentum_update(flat, state, beta)
     world = dist.get_world_size(dp_group) if dp_group is not None else 1
     rank = dist.get_rank(dp_group) if dp_group is not None else 0
     delta = torch.zeros_like(flat)
