@@ -50,6 +50,10 @@ def file_name(tp_rank: int, part: int, parts: int) -> str:
     return f"elastic_state_tp{tp_rank}_part{part}of{parts}.pt"
 
 
+def _parts_glob(tp_rank: int) -> str:
+    return f"elastic_state_tp{tp_rank}_part*of*.pt"
+
+
 def _owners(sizes: list[int], parts: int) -> list[int]:
     """Which part holds each tensor: greedy by size, in order, so every rank computes the same answer."""
     load, owner = [0] * parts, []
@@ -118,9 +122,9 @@ def save_full_state(engine, directory: Path, tp_rank: int, dp_rank: int, dp: int
 def read_whole_state(directory: Path, tp_rank: int) -> dict:
     """TP rank `tp_rank`'s whole-tensor state, {"params": {name: {"fp32", moments...}}, "steps": {...}},
     merged from every part (memory-mapped: a TP change reads every TP rank's parts, only what it needs)."""
-    found = sorted(directory.glob(f"elastic_state_tp{tp_rank}_part*of*.pt"))
+    found = sorted(directory.glob(_parts_glob(tp_rank)))
     if not found:
-        raise UserError(f"{directory}: no elastic_state_tp{tp_rank}_part*.pt (saved with checkpoint.elastic: "
+        raise UserError(f"{directory}: no {_parts_glob(tp_rank)} (saved with checkpoint.elastic: "
                         f"false?); this checkpoint cannot resume on another data-parallel size, tensor-parallel "
                         f"size or stage")
     parts = int(found[0].stem.rsplit("of", 1)[1])
@@ -165,7 +169,7 @@ def load_full_state(engine, directory: Path, tp_rank: int, saved_tp: int | None 
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
     from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
 
-    path = directory / f"elastic_state_tp{tp_rank}_part*.pt"
+    path = directory / _parts_glob(tp_rank)  # names the files in errors
     if saved_tp is None or saved_tp == tp:
         saved = read_whole_state(directory, tp_rank)
     else:
