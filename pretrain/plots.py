@@ -5,18 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-
-def _records(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue
-    return out
+from pretrain.metrics import read_metrics
 
 
 def plot_run(run_dir: Path) -> list[Path]:
@@ -27,7 +16,7 @@ def plot_run(run_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     run_dir = Path(run_dir)
-    records = [r for r in _records(run_dir) if isinstance(r.get("loss"), (int, float))]
+    records = [r for r in read_metrics(run_dir) if isinstance(r.get("loss"), (int, float))]
     evals = sorted((json.loads(p.read_text()) for p in (run_dir / "eval").glob("step_*.json")),
                    key=lambda r: r["step"])
     out_dir = run_dir / "plots"

@@ -68,18 +68,9 @@ def event_names(run_dir: Path) -> list[str]:
 
 
 def metrics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if "step" in record and "loss" in record:
-            out.append(record)
-    return out
+    from pretrain.metrics import read_metrics
+
+    return [r for r in read_metrics(run_dir) if "step" in r and "loss" in r]
 
 
 def last_step(run_dir: Path) -> int:
