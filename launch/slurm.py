@@ -40,6 +40,12 @@ def parse_time(text: str, origin: str = "--time") -> int:
     return total
 
 
+def partition_account_lines(la) -> list[str]:
+    """`#SBATCH` lines for the launch section's partition and account (none for what is unset)."""
+    return [f"#SBATCH --{flag}={value}" for flag, value in (("partition", la.partition), ("account", la.account))
+            if value]
+
+
 def _no_space(path: Path, what: str) -> str:
     text = str(path)
     if any(c.isspace() for c in text):
@@ -101,10 +107,7 @@ class TrainJob:
             resources.append(f"#SBATCH --gpus-per-node={la.gpus_per_node}")
         if la.cpus_per_node:
             resources.append(f"#SBATCH --cpus-per-task={la.cpus_per_node}  # CPUs for the node's torchrun agent")
-        if la.partition:
-            resources.append(f"#SBATCH --partition={la.partition}")
-        if la.account:
-            resources.append(f"#SBATCH --account={la.account}")
+        resources += partition_account_lines(la)
         requeue = ("#SBATCH --requeue" if not chain else
                    f"#SBATCH --no-requeue  # --chain {chain}: each job of the chain resumes; no requeue")
         train = self.train_command or TRAIN_COMMAND

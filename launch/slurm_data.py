@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from launch import journal, sbatch
-from launch.slurm import _no_space, parse_time, python_bin_dir
+from launch.slurm import _no_space, parse_time, partition_account_lines, python_bin_dir
 from launch.templating import load_template, render
 from loopstack.errors import UserError
 from loopstack.fileio import atomic_write
@@ -87,10 +87,7 @@ class DataJob:
         resources = []
         if template == PREPARE and self.cpus_per_task:
             resources.append(f"#SBATCH --cpus-per-task={self.cpus_per_task}")
-        if la.partition:
-            resources.append(f"#SBATCH --partition={la.partition}")
-        if la.account:
-            resources.append(f"#SBATCH --account={la.account}")
+        resources += partition_account_lines(la)
         run_dir = _no_space(self.run_dir, "run directory")
         return {
             "name": self.cfg.name, "tasks": self.tasks, "out": self.out, "run_dir": run_dir,
