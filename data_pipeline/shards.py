@@ -11,8 +11,10 @@ written last and atomically: format, tokenizer identity, token dtype, settings, 
 shard its file name, size, sha256, documents and tokens. A directory without `manifest.json` is
 not a dataset (yet).
 
-`.verified.json` caches which files were hashed (name, size, mtime) so the loader re-hashes only
-shards that changed since `prepare` or `verify` last checked them.
+`.verified.json` caches which files were hashed (name, size, mtime, ctime, inode) so the loader re-hashes
+only shards that changed since `prepare` or `verify` last checked them. The ctime is what makes this safe:
+an edit in place whose mtime was restored afterwards (`touch -d`, `os.utime`, `rsync -t`) still moves the
+ctime, which no user call can set back, so the shard is hashed again.
 """
 
 from __future__ import annotations
@@ -210,7 +212,7 @@ def map_tokens(path: str | os.PathLike, layout: list[tuple[int, int]] | None = N
 
 def _stamp_key(path: Path) -> list[int]:
     st = path.stat()
-    return [st.st_size, st.st_mtime_ns]
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
 
 def write_stamp(directory: str | os.PathLike, manifest_sha: str, names: list[str]) -> None:

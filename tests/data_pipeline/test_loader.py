@@ -175,3 +175,23 @@ def test_open_checks_are_user_errors(prepared, tmp_path, tok_dir):
         PackedDataset([prepared], L + 1, micro_batch=4, seed=7).load_state_dict(make(prepared).state_dict())
     with pytest.raises(UserError, match="gives no|give no"):
         PackedDataset([prepared], 10**8, micro_batch=1)
+
+
+def test_byte_flipped_in_place_with_mtime_restored_is_refused(prepared, tmp_path):
+    """An edit that keeps the size and puts the mtime back is still caught: the hash cache keys on the ctime,
+    which no user call can set back."""
+    import os
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(prepared, copy)
+    make(copy)  # hashes every shard once and stamps them
+    shard = sorted(copy.glob("shard-*.arrow"))[0]
+    st = shard.stat()
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert shard.stat().st_size == st.st_size and shard.stat().st_mtime_ns == st.st_mtime_ns
+    with pytest.raises(UserError, match=f"{shard}: sha256 mismatch"):
+        make(copy)
