@@ -8,11 +8,13 @@ import json
 import os
 from pathlib import Path
 
+TMP_INFIX = ".tmp"  # atomic_write's temporary file: .<name>.tmp<pid>
+
 
 def atomic_write(path: str | os.PathLike, data: str | bytes, *, mode: int | None = None) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(f".{path.name}{TMP_INFIX}{os.getpid()}")
     with open(tmp, "wb") as f:
         f.write(data.encode() if isinstance(data, str) else data)
         f.flush()
@@ -34,3 +36,18 @@ def fsync_path(path: str | os.PathLike) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def remove_stale_temps(directory: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files atomic_write leaves in `directory` when it is killed mid-write. Only call this
+    while no writer can be active there (e.g. with the run lock held). Returns what was removed."""
+    removed = []
+    d = Path(directory)
+    if not d.is_dir():
+        return removed
+    for child in d.iterdir():
+        name = child.name
+        if name.startswith(".") and TMP_INFIX in name and name.rsplit(TMP_INFIX, 1)[1].isdigit() and child.is_file():
+            child.unlink(missing_ok=True)
+            removed.append(child)
+    return removed

@@ -47,6 +47,12 @@ class TrainConfig:
     dtype: Literal["fp32", "bf16"] = param("fp32", help="compute dtype")
     spike_factor: float = param(0.0, min=0.0, help="skip a step whose loss > factor x moving average; 0 = off")
     spike_rollback_after: int = param(3, min=1, help="consecutive skipped steps before rolling back")
+    max_rollbacks: int = param(3, min=0, help="spike rollbacks without getting past the step that caused the "
+                                              "first; one more ends the run as diverged (exit 3); 0 = no limit")
+    diverge_patience: int = param(10, min=0, help="steps in a row with loss above train.diverge_loss (or not "
+                                                  "finite) that end the run as diverged (exit 3); 0 = off")
+    diverge_loss: float = param(0.0, min=0.0, help="loss that counts as diverged; 0 = the uniform-prediction loss "
+                                                   "ln(vocab) + 1")
 
 
 @dataclass
@@ -128,11 +134,13 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
     except OSError as err:
         raise ConfigError(f"{path}: cannot read config ({err.strerror or err})") from None
     try:
-        data = yaml.safe_load(text) or {}
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{path}:{where} invalid YAML ({getattr(err, 'problem', err)})") from None
+    if data is None:  # an empty file, or only comments: almost always a truncated copy or the wrong path
+        raise ConfigError(f"{path}: empty config file (at least `name:` or `base:` is expected)")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config must be a mapping of sections, got {type(data).__name__}")
     base = data.pop("base", None) or data.pop("extends", None)
@@ -167,6 +175,18 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Ru
 def config_from_dict(data: dict[str, Any], origin: str = "config") -> RunConfig:
     """Rebuild a config saved next to a run (or sent to another process)."""
     return build(RunConfig, data, origin)
+
+
+def config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """`key: old -> new` for every dotted key whose value differs between two config dicts (to_dict form)."""
+    out = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b = old.get(key, "<unset>"), new.get(key, "<unset>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a} -> {b}")
+    return out
 
 
 def dump_config(cfg: RunConfig) -> str:

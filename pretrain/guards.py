@@ -46,3 +46,66 @@ class LossGuard:
 
     def load_state_dict(self, state: dict) -> None:
         self.ema, self.seen, self.consecutive = state["ema"], state["seen"], state["consecutive"]
+
+
+class DivergenceMonitor:
+    """Decides that a run has diverged, which no skip or rollback will cure:
+
+    - the loss is above `threshold` (by default the uniform-prediction loss ln(vocab) plus one nat: a model
+      predicting worse than knowing nothing) or non-finite for `patience` consecutive steps; or
+    - loss spikes kept coming back: more than `max_rollbacks` rollbacks without the run getting past the step
+      that triggered the first of them.
+
+    `observe` and `rolled_back` return the reason (one sentence) once the run has diverged, else None. Every
+    rank sees the same data-parallel-averaged loss, so every rank decides alike without a collective.
+    """
+
+    def __init__(self, threshold: float, patience: int, max_rollbacks: int):
+        self.threshold, self.patience, self.max_rollbacks = threshold, patience, max_rollbacks
+        self.streak = 0
+        self.since: int | None = None  # the step (1-based, as logged) that began the current streak
+        self.applied = 0  # steps of the streak whose update was applied (not skipped): the weights moved
+        self.rollbacks = 0  # rollbacks since the run last got past the step that triggered one
+        self.trouble_step: int | None = None
+
+    @property
+    def suspect(self) -> bool:
+        """Updates were applied during a streak of diverged-looking steps: a checkpoint now might save weights
+        that are already lost (skipped steps left the weights as they were)."""
+        return self.applied > 0
+
+    def observe(self, step: int, loss: float, skipped: bool = False) -> str | None:
+        if not math.isfinite(loss) or loss > self.threshold:
+            self.streak += 1
+            self.since = step if self.streak == 1 else self.since
+            self.applied += not skipped
+        else:
+            self.streak, self.since, self.applied = 0, None, 0
+        if self.trouble_step is not None and step > self.trouble_step:
+            self.rollbacks, self.trouble_step = 0, None  # got past the trouble: the rollbacks worked
+        if self.patience and self.streak >= self.patience:
+            shown = f"{loss:.3f}" if math.isfinite(loss) else str(loss)
+            return (f"loss {shown} at step {step}, above {self.threshold:.3f} (or not finite) for {self.streak} "
+                    f"steps in a row since step {self.since}")
+        return None
+
+    def rolled_back(self, step: int) -> str | None:
+        """Call when spikes ask for a rollback at `step`; a reason when this one is past the limit."""
+        self.rollbacks += 1
+        self.trouble_step = step if self.trouble_step is None else max(self.trouble_step, step)
+        if self.max_rollbacks and self.rollbacks > self.max_rollbacks:
+            return (f"loss spikes came back after {self.max_rollbacks} rollback(s) without the run getting past "
+                    f"step {self.trouble_step}")
+        return None
+
+    def first_bad_step(self) -> int | None:
+        """The step whose loss was the first sign (None when none is known)."""
+        return self.since
+
+    def state_dict(self) -> dict:
+        return {"streak": self.streak, "since": self.since, "applied": self.applied, "rollbacks": self.rollbacks,
+                "trouble_step": self.trouble_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.streak, self.since, self.applied = state["streak"], state["since"], state["applied"]
+        self.rollbacks, self.trouble_step = state["rollbacks"], state["trouble_step"]

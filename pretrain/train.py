@@ -5,11 +5,14 @@ data (data_pipeline) -> model (pretrain.models) -> engine (pretrain.engine: Deep
 -> loop of steps (depth sampling, guards) -> metrics / checkpoints / eval.
 
 Exit codes: 0 finished; 75 (EXIT_REQUEUE) stopped by SIGUSR1/SIGTERM after writing a checkpoint;
-2 user error. Run directory: config.yaml, metrics.jsonl, checkpoints/<step>/, checkpoints/latest, eval/.
+2 user error (also: another trainer holds the run directory); 3 (EXIT_DIVERGED) the run diverged; 74
+(EXIT_NO_SPACE) no space for a checkpoint. Run directory: LOCK (while a trainer runs), config.yaml,
+metrics.jsonl, checkpoints/<step>/, checkpoints/latest, eval/.
 """
 
 from __future__ import annotations
 
+import math
 import signal
 import time
 from dataclasses import asdict, dataclass
@@ -18,10 +21,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from loopstack.errors import EXIT_REQUEUE, UserError
+from loopstack.errors import EXIT_REQUEUE, DivergedError, UserError
+from loopstack.fileio import remove_stale_temps
+from loopstack.runlock import RunLock
 from loopstack.typed_config import to_dict
 from pretrain import checkpoint as ckpt
-from pretrain.config import RunConfig, save_config
+from pretrain.config import RunConfig, config_diff, save_config
 from pretrain.distributed import (
     DistEnv,
     capture_rng_state,
@@ -31,7 +36,7 @@ from pretrain.distributed import (
     shutdown,
 )
 from pretrain.elastic import load_full_state, save_full_state
-from pretrain.guards import LossGuard
+from pretrain.guards import DivergenceMonitor, LossGuard
 from pretrain.metrics import MetricsLogger, Throughput, device_peak_flops
 
 
@@ -84,14 +89,38 @@ def run(cfg: RunConfig, run_dir: Path | None = None, resume: str = "auto") -> in
         ckpt.find_resume(run_dir, resume)  # a wrong path fails now, before any setup
     prepare_data(cfg)
     env = init_distributed(tp=cfg.parallel.tp, seed=cfg.seed)
+    lock = None
     try:
+        lock = hold_run_dir(run_dir, env)
         return Trainer(cfg, run_dir, env).fit(resume)
     finally:
+        if lock is not None:
+            lock.release()
         shutdown()
 
 
+def hold_run_dir(run_dir: Path, env: DistEnv) -> RunLock | None:
+    """Global rank 0 takes the run directory's lock for the job's lifetime (the other ranks get None); a run
+    directory held by a live trainer is refused on every rank with rank 0's one-line reason. With the lock
+    held, temporary files that killed writers left behind are removed."""
+    lock, refusal = None, None
+    if env.is_main:
+        try:
+            lock = RunLock.acquire(run_dir)
+            for directory in (run_dir, run_dir / "checkpoints", run_dir / "eval"):
+                remove_stale_temps(directory)
+        except UserError as err:
+            refusal = str(err)
+    box = [refusal]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise UserError(box[0])
+    return lock
+
+
 class Trainer:
-    def __init__(self, cfg: RunConfig, run_dir: Path, env: DistEnv):
+    def __init__(self, cfg: RunConfig, run_dir: Path, env: DistEnv, *, evaluating: bool = False):
+        """`evaluating`: for `loopstack eval`, which reads a run and writes only eval/ and plots/ (no wandb run)."""
         self.cfg, self.run_dir, self.env = cfg, run_dir, env
         self.state = TrainState()
         self.tokens_per_step = cfg.train.micro_batch * cfg.train.grad_accum * env.dp * cfg.data.seq_len
@@ -100,8 +129,11 @@ class Trainer:
         self._setup_data()
         self._setup_model()
         self.guard = LossGuard(cfg.train.spike_factor, cfg.train.spike_rollback_after)
+        self.divergence = DivergenceMonitor(cfg.train.diverge_loss or math.log(self.vocab_size) + 1.0,
+                                            cfg.train.diverge_patience, cfg.train.max_rollbacks)
         self.log = MetricsLogger(run_dir, to_dict(cfg), enabled=env.is_main, total_steps=cfg.train.steps,
-                                 console=cfg.logging.console, wandb_mode=cfg.logging.wandb,
+                                 console=cfg.logging.console,
+                                 wandb_mode="disabled" if evaluating else cfg.logging.wandb,
                                  wandb_project=cfg.logging.wandb_project, run_name=cfg.name)
 
     # --- setup -------------------------------------------------------------------------------------
@@ -111,9 +143,6 @@ class Trainer:
         from data_pipeline.tokenizer import load_tokenizer
 
         cfg, env = self.cfg, self.env
-        if env.is_main:
-            save_config(cfg, self.run_dir / "config.yaml")
-        dist.barrier()
         self.tokenizer = load_tokenizer(cfg.tokenizer.dir)
         self.train_dirs = cfg.data.train or [cfg.data.out]
         self.train_data = PackedDataset(
@@ -151,11 +180,13 @@ class Trainer:
 
     def _meta(self) -> dict:
         return {"config": to_dict(self.cfg), "tokenizer_sha256": self.tokenizer.sha256, "tp": self.env.tp,
-                "dp": self.env.dp, "state": asdict(self.state)}
+                "dp": self.env.dp, "state": asdict(self.state),
+                "param_shapes": global_param_shapes(self.engine.module, self.env.tp)}
 
     def save(self) -> Path:
         rank_state = {"loader": self.train_data.state_dict(), "rng": capture_rng_state(),
                       "state": asdict(self.state), "guard": self.guard.state_dict(),
+                      "divergence": self.divergence.state_dict(),
                       "model_noise": self.engine.module.noise_state()}
         elastic = self.cfg.parallel.zero_stage >= 1 and self.cfg.checkpoint.elastic  # ZeRO-0 state is whole
         env = self.env
@@ -172,8 +203,18 @@ class Trainer:
         if meta.get("tokenizer_sha256") not in (None, self.tokenizer.sha256):
             raise UserError(f"{info.path}: written with tokenizer {meta['tokenizer_sha256'][:12]}, this run uses "
                             f"{self.tokenizer.sha256[:12]} ({self.cfg.tokenizer.dir})")
+        saved_cfg = meta.get("config", {})
+        differs = config_diff(saved_cfg, to_dict(self.cfg)) if saved_cfg else []
+        saved_shapes = meta.get("param_shapes")
+        if saved_shapes is not None:
+            shapes = global_param_shapes(self.engine.module, self.env.tp)
+            if shapes != saved_shapes:
+                model_diff = [d for d in differs if d.startswith("model.")] or [_first_shape_diff(saved_shapes, shapes)]
+                raise UserError(f"{info.path}: this checkpoint's model does not fit the run's config: "
+                                f"{'; '.join(model_diff)} (checkpoint -> now; the checkpoint's config is in its "
+                                f"{ckpt.COMPLETE}); resume with the checkpoint's settings, or start a new --run-dir")
         stage, tp, dp = self.cfg.parallel.zero_stage, self.env.tp, self.env.dp
-        saved_stage = meta.get("config", {}).get("parallel", {}).get("zero_stage", stage)
+        saved_stage = saved_cfg.get("parallel", {}).get("zero_stage", stage)
         saved_tp, saved_dp = meta.get("tp", tp), meta.get("dp", dp)
         if saved_stage != stage and 0 in (saved_stage, stage):
             raise UserError(f"{info.path}: saved with parallel.zero_stage = {saved_stage}, this run has {stage}: "
@@ -194,8 +235,9 @@ class Trainer:
                 load_path, _ = self.engine.load_checkpoint(str(info.path.parent), tag=info.path.name,
                                                            load_lr_scheduler_states=False)
             except ckpt.LOAD_ERRORS as err:
+                hint = f"; the run's config differs from the checkpoint's: {'; '.join(differs[:6])}" if differs else ""
                 raise UserError(f"{info.path}: DeepSpeed could not load this checkpoint "
-                                f"({ckpt.describe_error(err)})") from err
+                                f"({ckpt.describe_error(err)}){hint}") from err
             if load_path is None:
                 raise UserError(f"{info.path}: DeepSpeed could not load this checkpoint")
         same_layout = meta.get("world_size") == self.env.world_size and saved_tp == tp
@@ -207,6 +249,8 @@ class Trainer:
         self.state = TrainState(**rank_state["state"])
         self.train_data.load_state_dict(rank_state["loader"])
         self.guard.load_state_dict(rank_state["guard"])
+        if "divergence" in rank_state:  # checkpoints written before the monitor existed start it afresh
+            self.divergence.load_state_dict(rank_state["divergence"])
         if same_layout:
             restore_rng_state(rank_state["rng"])
             self.engine.module.load_noise_state(rank_state["model_noise"])
@@ -225,8 +269,12 @@ class Trainer:
         info = ckpt.find_resume(self.run_dir, resume, warn=self.log.message)
         if info is not None:
             self.restore(info)
-            self.log.truncate_after(self.state.step)
             self.log.message(f"resumed from {info.path} at step {self.state.step}")
+        # the run's record changes only now that the restore has succeeded; a fresh start drops the logged
+        # steps of an earlier attempt that died before its first checkpoint
+        self.log.truncate_after(self.state.step)
+        if env.is_main:
+            save_config(cfg, self.run_dir / "config.yaml")
         device_name, peak = device_peak_flops()
         throughput, t_start, steps_run = Throughput(), time.perf_counter(), 0
         while self.state.step < cfg.train.steps:
@@ -237,9 +285,14 @@ class Trainer:
             step = self.state.step
             if step % cfg.logging.every == 0 or step == cfg.train.steps:
                 self._log_step(record, throughput, device_name, peak, time.perf_counter() - t_start, steps_run)
-            if self.guard.wants_rollback:
-                self._rollback()
-                continue
+            diverged = self.divergence.observe(step, record["loss"], skipped=bool(record["skipped"]))
+            if diverged is None and self.guard.wants_rollback:
+                diverged = self.divergence.rolled_back(step)
+                if diverged is None:
+                    self._rollback()
+                    continue
+            if diverged is not None:
+                self._stop_diverged(diverged)
             if self.stop.agreed(env.device):
                 self.save()
                 self.log.message(f"stopped by signal {self.stop.signal} at step {step}: checkpoint written, "
@@ -247,7 +300,11 @@ class Trainer:
                 self.log.close()
                 return EXIT_REQUEUE
             if step % cfg.checkpoint.every == 0 and step < cfg.train.steps:
-                self.save()
+                if self.divergence.suspect:  # do not let a good checkpoint be pruned for one that may be lost
+                    self.log.message(f"step {step}: loss above {self.divergence.threshold:.3f} since step "
+                                     f"{self.divergence.since}: checkpoint deferred")
+                else:
+                    self.save()
             if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
                 self.evaluate()
         if info is None or info.step < cfg.train.steps:
@@ -316,6 +373,15 @@ class Trainer:
         self.log.log(record)
         self.log.progress(record["step"], record, elapsed, steps_run)
 
+    def _stop_diverged(self, reason: str) -> None:
+        """End the run: nothing more is saved; the message names the newest checkpoint from before the trouble."""
+        first = self.divergence.first_bad_step() or self.divergence.trouble_step or self.state.step
+        good = [c for c in ckpt.list_complete(self.run_dir / "checkpoints") if c.step < first]
+        where = (f"last good checkpoint: {good[-1].path} (after changing the config, e.g. a lower train.lr, resume "
+                 f"from it with --resume {good[-1].path})") if good else "no checkpoint from before it"
+        self.log.close()
+        raise DivergedError(f"{self.run_dir}: the run diverged: {reason}; {where}")
+
     def _rollback(self) -> None:
         found = ckpt.find_resume(self.run_dir, "auto", warn=self.log.message)
         if found is None:
@@ -340,6 +406,25 @@ class Trainer:
         return result
 
 
+def global_param_shapes(module: torch.nn.Module, tp: int) -> dict[str, list[int]]:
+    """Each parameter's whole shape, the same at any TP size or ZeRO stage (ZeRO-3 keeps it in `ds_shape`;
+    megatron marks TP-split parameters with `partition_dim`)."""
+    shapes = {}
+    for name, p in module.named_parameters():
+        shape = list(getattr(p, "ds_shape", p.shape))
+        if getattr(p, "tensor_model_parallel", False):
+            shape[p.partition_dim] *= tp
+        shapes[name] = shape
+    return shapes
+
+
+def _first_shape_diff(saved: dict[str, list[int]], now: dict[str, list[int]]) -> str:
+    for name in sorted(set(saved) | set(now)):
+        if saved.get(name) != now.get(name):
+            return f"parameter {name}: {saved.get(name, 'absent')} -> {now.get(name, 'absent')}"
+    return "parameters differ"
+
+
 def _dp_group():
     from megatron.core import parallel_state as ps
 
@@ -362,7 +447,7 @@ def evaluate_run(cfg: RunConfig, run_dir: Path, checkpoint: str = "auto") -> int
     prepare_data(cfg)
     env = init_distributed(tp=cfg.parallel.tp, seed=cfg.seed)
     try:
-        trainer = Trainer(cfg, run_dir, env)
+        trainer = Trainer(cfg, run_dir, env, evaluating=True)
         info = ckpt.find_resume(run_dir, checkpoint, warn=trainer.log.message)
         if info is None:
             raise UserError(f"{run_dir}: no complete checkpoint to evaluate")

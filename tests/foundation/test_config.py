@@ -118,3 +118,17 @@ def test_cli_help_version_env_are_light():
            "print(sorted(m for m in ('torch', 'megatron', 'datasets', 'deepspeed') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_empty_config_file_is_refused(tmp_path):
+    for text in ("", "# only a comment\n", "\n\n"):
+        msg = _error(tmp_path, text)
+        assert "c.yaml: empty config file" in msg, msg
+
+
+def test_config_diff_names_dotted_keys():
+    from pretrain.config import config_diff
+
+    old = {"model": {"d_model": 64, "loops": 3}, "train": {"lr": 0.1}, "name": "a"}
+    new = {"model": {"d_model": 128, "loops": 3}, "train": {"lr": 0.1}, "name": "a", "extra": 1}
+    assert config_diff(old, new) == ["extra: <unset> -> 1", "model.d_model: 64 -> 128"]

@@ -75,3 +75,25 @@ def test_loss_guard_skips_nan_and_spikes_then_asks_rollback():
     h = LossGuard(2.0, 2, warmup=3)
     h.load_state_dict(state)
     assert h.state_dict() == state
+
+
+def test_divergence_monitor_streaks_skips_and_rollback_limit():
+    from pretrain.guards import DivergenceMonitor
+
+    m = DivergenceMonitor(threshold=7.0, patience=3, max_rollbacks=2)
+    assert m.observe(1, 6.0) is None and not m.suspect
+    assert m.observe(2, float("nan"), skipped=True) is None and not m.suspect  # skipped: weights unchanged
+    assert m.observe(3, 8.0) is None and m.suspect and m.first_bad_step() == 2
+    reason = m.observe(4, 9.5)
+    assert reason is not None and "for 3 steps in a row since step 2" in reason
+    m.observe(5, 5.0)
+    assert not m.suspect and m.first_bad_step() is None  # a good step ends the streak
+    # rollbacks: two are allowed while the run has not got past the trouble; the third is divergence
+    assert m.rolled_back(10) is None and m.rolled_back(9) is None
+    assert "after 2 rollback(s)" in m.rolled_back(10) and m.trouble_step == 10
+    m.observe(11, 5.0)  # past step 10: the rollbacks worked, the count starts over
+    assert m.rollbacks == 0 and m.rolled_back(20) is None
+    restored = DivergenceMonitor(7.0, 3, 2)
+    restored.load_state_dict(m.state_dict())
+    assert restored.state_dict() == m.state_dict()
+    assert DivergenceMonitor(7.0, 0, 0).observe(1, float("inf")) is None  # patience 0: off
