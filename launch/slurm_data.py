@@ -14,8 +14,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from launch import journal, sbatch
-from launch.slurm import _no_space, parse_time, partition_account_lines, python_bin_dir
-from launch.templating import load_template, render
+from launch.slurm import (
+    NAME_USE,
+    PATH_USE,
+    check_launch,
+    check_word,
+    parse_time,
+    partition_account_lines,
+    python_bin_dir,
+)
+from launch.templating import Lines, check_line, load_template, render
 from loopstack.errors import UserError
 from loopstack.fileio import atomic_write
 
@@ -44,6 +52,7 @@ class DataJob:
     time: str = "04:00:00"
     cpus_per_task: int = 0
     workdir: Path = field(default_factory=Path.cwd)
+    run_dir_origin: str = "run directory"  # what errors call the run directory ("--run-dir" when given)
 
     @classmethod
     def from_args(cls, config: str, overrides: list[str], run_dir: str | None, *, tasks: int, only: str | None = None,
@@ -54,13 +63,14 @@ class DataJob:
         flags = {"partition": partition, "account": account}
         flag_overrides = [f"launch.{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
         cfg = load_config(config, list(overrides) + flag_overrides)
+        check_launch(cfg.launch, flags)
         if not cfg.data.sources:
             raise UserError(f"{config}: data.sources is empty: nothing to prepare")
         parse_time(time)
-        path = Path(run_dir) if run_dir else Path("runs") / f"{cfg.name}-data"
+        path = Path(run_dir) if run_dir else Path("runs") / f"{check_word('name', cfg.name, NAME_USE)}-data"
         cpus = cpus_per_task if cpus_per_task is not None else cfg.data.workers
         return cls(cfg=cfg, run_dir=path.absolute(), tasks=tasks, indices=parse_only(only, tasks), time=time,
-                   cpus_per_task=cpus)
+                   cpus_per_task=cpus, run_dir_origin="--run-dir" if run_dir else "run directory")
 
     @property
     def array_spec(self) -> str:
@@ -70,41 +80,50 @@ class DataJob:
 
     @property
     def out(self) -> str:
-        return self.cfg.data.out
+        return check_line("data.out", self.cfg.data.out)
 
-    def prepare_command(self) -> str:
-        """`data prepare` for slice $SLICE: sources, tokenizer and output spelled out; every other data
-        setting (text field, shard size, bad-document policy) from the frozen config."""
+    def prepare_command(self) -> Lines:
+        """`data prepare` for slice $SLICE: sources, tokenizer and output spelled out (shell-quoted, one line
+        each, no control characters); every other data setting (text field, shard size, bad-document policy)
+        from the frozen config."""
         data = self.cfg.data
         lines = ['loopstack data prepare --config "$RUN_DIR/launch/config.yaml"']
-        lines += [f"--source {shlex.quote(source)}" for source in data.sources]
-        lines += [f"--tokenizer {shlex.quote(self.cfg.tokenizer.dir)} --out {shlex.quote(data.out)}",
+        lines += [f"--source {shlex.quote(check_line(f'data.sources[{i}]', source))}"
+                  for i, source in enumerate(data.sources)]
+        tokenizer = check_line("tokenizer.dir", self.cfg.tokenizer.dir)
+        lines += [f"--tokenizer {shlex.quote(tokenizer)} --out {shlex.quote(self.out)}",
                   '--workers "$WORKERS" --slice "$SLICE/$TASKS"']
-        return " \\\n    ".join(lines)
+        return Lines(tuple(lines), sep=" \\\n    ")
 
     def _common(self, template: str) -> dict[str, object]:
         la = self.cfg.launch
+        check_launch(la)
+        name = check_word("name", self.cfg.name, NAME_USE)
         resources = []
         if template == PREPARE and self.cpus_per_task:
             resources.append(f"#SBATCH --cpus-per-task={self.cpus_per_task}")
         resources += partition_account_lines(la)
-        run_dir = _no_space(self.run_dir, "run directory")
+        run_dir = check_word(self.run_dir_origin, str(self.run_dir), PATH_USE)
+        bin_dir = check_line("the Python environment's bin directory", python_bin_dir())
         return {
-            "name": self.cfg.name, "tasks": self.tasks, "out": self.out, "run_dir": run_dir,
-            "run_dir_q": shlex.quote(run_dir), "workdir": _no_space(self.workdir.absolute(), "working directory"),
-            "bin_dir_q": shlex.quote(python_bin_dir()),
-            "sbatch_resources": "\n".join(resources) if resources else "# (no CPU / partition / account flags)",
+            "name": name, "tasks": self.tasks, "out": self.out, "out_q": shlex.quote(self.out),
+            "run_dir": run_dir, "run_dir_q": shlex.quote(run_dir),
+            "workdir": check_word("working directory", str(self.workdir.absolute()), PATH_USE),
+            "bin_dir_q": shlex.quote(bin_dir),
+            "sbatch_resources": Lines(tuple(resources)) if resources else "# (no CPU / partition / account flags)",
         }
 
     def render_prepare(self) -> str:
         text, origin = load_template(PREPARE)
-        return render(text, {**self._common(PREPARE), "job_name": f"{self.cfg.name}-prepare",
-                             "array": self.array_spec, "time": self.time,
-                             "prepare_command": self.prepare_command()}, origin)
+        common = self._common(PREPARE)
+        parse_time(self.time)  # the text checked is the text on the #SBATCH --time line
+        return render(text, {**common, "job_name": f"{common['name']}-prepare", "array": self.array_spec,
+                             "time": self.time, "prepare_command": self.prepare_command()}, origin)
 
     def render_merge(self) -> str:
         text, origin = load_template(MERGE)
-        return render(text, {**self._common(MERGE), "job_name": f"{self.cfg.name}-merge",
+        common = self._common(MERGE)
+        return render(text, {**common, "job_name": f"{common['name']}-merge",
                              "merge_command": shlex.join(["loopstack", "data", "merge", self.out])}, origin)
 
     def scripts(self) -> tuple[Path, Path]:

@@ -23,6 +23,8 @@ STATE_AFTER = {
     "chain_next": "WAITING",  # waiting for the next job of the --chain
     "finished": "COMPLETED",
     "failed": "FAILED",
+    "diverged": "DIVERGED",  # trainer exit 3: the loss diverged; never requeued (change the config first)
+    "no_space": "NO_SPACE",  # trainer exit 74: disk full while checkpointing; never requeued (free space first)
     "restart_limit": "STOPPED",
     "requeue_failed": "STOPPED",
     "stopped": "CANCELLED",

@@ -1,13 +1,14 @@
 """Rendering without submitting: the scripts say what the flags asked, errors are one line (no SLURM needed)."""
 
 import json
+import os
 import re
 import subprocess
 import sys
 
 import pytest
 
-from launch.journal import append_event, launch_dir
+from launch.journal import append_event, launch_dir, read_events
 from launch.status import format_status, status
 from tests.launch.helpers import ROOT, SMOKE, loopstack
 
@@ -100,7 +101,8 @@ def test_user_template_copy_is_rendered(tmp_path):
     (["--time", "00:01:00"], "launch.signal_grace_s = 120 is not shorter than the time limit"),
     (["--nodes", "0"], "--nodes 0: must be at least 1"),
     (["--set", "launch.nodez=2"], "unknown key 'launch.nodez'"),
-    (["--run-dir", "/tmp/has space"], "contains whitespace"),
+    (["--run-dir", "/tmp/has space"], "--run-dir '/tmp/has space': contains whitespace"),
+    (["--set", "launch.partition=gpu;reboot"], "launch.partition 'gpu;reboot': expected a SLURM name"),
 ])
 def test_user_errors_are_one_line_exit_2(tmp_path, args, message):
     proc = loopstack("launch", "slurm", SMOKE, "--dry-run", *args, check=False)
@@ -180,3 +182,56 @@ def test_launch_cli_import_is_light():
             "c.register(p.add_subparsers()); "
             "heavy = [m for m in ('torch', 'deepspeed', 'megatron') if m in sys.modules]; assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+# --- the decide section of train.sbatch, run in bash with srun/scontrol/scancel stubbed (no SLURM) ----------
+SLURM_STUBS = r'''
+srun() {  # stands for srun + torchrun + the trainer: rank 0 writes $STUB_RC to the exit file
+    local exit_file=""
+    while [ $# -gt 0 ]; do [ "$1" = launch.exitcode ] && exit_file=$2; shift; done
+    if [ -n "$STUB_SIGNAL" ]; then  # like SLURM before the time limit: USR1 to the batch shell, mid-training
+        trap 'echo "$STUB_RC" >"$exit_file"; exit 1' USR1
+        sleep 0.5; kill -USR1 $$
+        while :; do sleep 0.1; done
+    fi
+    echo "$STUB_RC" >"$exit_file"
+    [ "$STUB_RC" = 0 ]  # torchrun: 0, or 1 for any failing worker
+}
+scontrol() {
+    case "$1 $2" in
+        "show hostnames") echo node1 ;;
+        "show job") echo "JobId=$SLURM_JOB_ID JobState=RUNNING Restarts=0" ;;
+        *) echo "scontrol $*" >>"$CALLS" ;;
+    esac
+}
+scancel() { echo "scancel $*" >>"$CALLS"; }
+export -f srun scontrol scancel
+'''
+
+
+@pytest.mark.parametrize("trainer_rc, signal, event, job_rc", [
+    ("3", "", "diverged", 3),
+    ("3", "1", "diverged", 3),  # diverged while stopping: still never requeued
+    ("74", "", "no_space", 74),
+    ("74", "1", "no_space", 74),
+    ("75", "1", "requeue", 0),
+    ("2", "", "failed", 1),
+    ("0", "", "finished", 0),
+])
+def test_train_script_decides_on_rank0_exit_code(tmp_path, trainer_rc, signal, event, job_rc):
+    run = tmp_path / "run"
+    script = loopstack("launch", "slurm", SMOKE, "--run-dir", str(run), "--dry-run").stdout.split("# submit:")[0]
+    (tmp_path / "train.sbatch").write_text(script)
+    calls = tmp_path / "calls"
+    env = {**os.environ, "STUB_RC": trainer_rc, "STUB_SIGNAL": signal, "CALLS": str(calls), "SLURM_JOB_ID": "42",
+           "SLURM_JOB_NODELIST": "node1", "SLURM_NNODES": "1"}
+    proc = subprocess.run(["bash", "-c", SLURM_STUBS + f"bash {tmp_path / 'train.sbatch'}"], capture_output=True,
+                          text=True, env=env, timeout=60, cwd=tmp_path)
+    assert proc.returncode == job_rc, proc.stdout + proc.stderr
+    names = [e["event"] for e in read_events(run)]
+    assert names == ["start"] + (["signal"] if signal else []) + ["exit", event], proc.stdout
+    requeued = calls.exists() and "scontrol requeue 42" in calls.read_text()
+    assert requeued == (event == "requeue")
+    if event in ("diverged", "no_space"):
+        assert f"(rank 0 exit {trainer_rc}): not requeueing" in proc.stdout
+        assert status(run, live=False)["state"] == {"diverged": "DIVERGED", "no_space": "NO_SPACE"}[event]
