@@ -38,8 +38,10 @@ from loopstack.errors import UserError
 LOCK = "LOCK"
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 600.0  # 20 missed heartbeats; generous for clock skew between nodes on a shared filesystem
-SLURM_ACTIVE = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
-                "RESIZING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT"}
+# States in which a job's trainer may still write. COMPLETING is left out: its processes have been killed, and
+# the next job of a --chain (afterany) may start while the controller still lists the previous one so.
+SLURM_ACTIVE = {"PENDING", "RUNNING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING",
+                "SUSPENDED", "STOPPED", "SIGNALING"}
 
 
 def _proc_start(pid: int) -> str | None:
