@@ -193,8 +193,11 @@ def seed_all(seed: int, env: DistEnv) -> None:
 
 
 def capture_rng_state() -> dict:
-    """Every RNG a training step may draw from on this rank, for exact resume."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+    """Every RNG a training step may draw from on this rank, for exact resume. Only tensors and plain values
+    (numpy's state as a dict with its key as an int64 tensor), so checkpoints load with weights_only=True."""
+    numpy = np.random.get_state(legacy=False)
+    numpy["state"]["key"] = torch.from_numpy(numpy["state"]["key"].astype(np.int64))
+    state = {"python": random.getstate(), "numpy": numpy, "torch": torch.get_rng_state(),
              "tp": tp_rng().get_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
@@ -206,7 +209,10 @@ def capture_rng_state() -> dict:
 
 def restore_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    numpy = state["numpy"]
+    if isinstance(numpy, dict):
+        numpy = {**numpy, "state": {**numpy["state"], "key": numpy["state"]["key"].numpy().astype(np.uint32)}}
+    np.random.set_state(numpy)  # a tuple: written by an earlier version
     torch.set_rng_state(state["torch"])
     tp_rng().set_state(state["tp"])
     if torch.cuda.is_available() and "cuda" in state:

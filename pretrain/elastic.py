@@ -17,6 +17,8 @@ Cost: one all-gather per parameter and state over the DP group at save time, and
 weights and state (3x the fp32 model for AdamW), written in DP parts (`elastic_state_tp<t>_part<k>of<n>.pt`:
 each DP rank keeps and writes the tensors it owns, balanced by size, so the write and the host memory are
 spread). `checkpoint.elastic: false` turns it off; such checkpoints resume on the same layout only.
+The files are written with `pretrain.checkpoint.save_file` (a full disk is agreed on by every rank, not raised
+mid-collective) and read with its weights-only loader.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from loopstack.errors import UserError
-from pretrain.checkpoint import load_file
+from pretrain.checkpoint import load_file, save_file
 
 STATE_KEYS = {"adamw": ("exp_avg", "exp_avg_sq"), "muon": ("momentum_buffer",)}
 
@@ -116,7 +118,7 @@ def save_full_state(engine, directory: Path, tp_rank: int, dp_rank: int, dp: int
                     entry[key] = safe_get_full_optimizer_state(p, key)
             if mine:
                 params[names[id(p)]] = {key: _host(value) for key, value in entry.items()}
-    torch.save({"params": params, "steps": steps}, directory / file_name(tp_rank, dp_rank, dp))
+    save_file({"params": params, "steps": steps}, directory / file_name(tp_rank, dp_rank, dp))  # after every gather
 
 
 def read_whole_state(directory: Path, tp_rank: int) -> dict:

@@ -16,6 +16,13 @@ Muon and AdamW work with every ZeRO stage and any TP (see `pretrain.muon`); unde
 told where each matrix sits in the flat sub-group partitions (`HybridOptimizer.bind_zero3`).
 The global grad norm and clipping come from DeepSpeed for ZeRO 1-3 and from `Engine` for ZeRO 0.
 
+Checkpoint files. DeepSpeed reads and writes its files through `engine.checkpoint_engine`; ours
+(`_SafeCheckpointEngine`) loads with `pretrain.checkpoint.safe_load` (weights only: a file that would run
+code is refused) and records a failed write (a full disk) instead of raising it, so a rank whose write fails
+still goes through DeepSpeed's collectives and `pretrain.checkpoint.save_checkpoint` can agree on the failure
+across ranks. The copy of DeepSpeed's recovery scripts (`zero_to_fp32.py`) into `checkpoints/` is guarded the
+same way.
+
 Skipping a step. DeepSpeed skips on overflow only for some stage/dtype combinations (never for ZeRO-0
 fp32). Ours is uniform: gradient hooks and `backward` record on each rank, without a host sync, whether
 any local loss or gradient was non-finite; at the boundary one all-reduce (max) over all ranks turns
@@ -30,6 +37,7 @@ import logging
 import math
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -213,6 +221,40 @@ def _quiet_root_output_warning(model: torch.nn.Module) -> None:
         logger.addFilter(_DropMessage("unknown inputs or outputs type", type(model).__module__))
 
 
+def _use_safe_checkpoint_engine(ds_engine: Any) -> None:
+    """Give DeepSpeed our checkpoint engine (see the module docstring); its default is the plain torch one."""
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    from pretrain.checkpoint import guarded_write, safe_load
+
+    class _SafeCheckpointEngine(TorchCheckpointEngine):
+        write_failure: str | None = None
+
+        def load(self, path: str, map_location: Any = None) -> Any:
+            return safe_load(path, map_location=map_location)
+
+        def save(self, state_dict: Any, path: str) -> None:
+            failed = guarded_write(Path(path), lambda: TorchCheckpointEngine.save(self, state_dict, path))
+            self.write_failure = self.write_failure or failed
+
+        def take_write_failure(self) -> str | None:
+            """The first write that failed since the last call, as one line (None if all succeeded)."""
+            failed, self.write_failure = self.write_failure, None
+            return failed
+
+    if type(ds_engine.checkpoint_engine) is not TorchCheckpointEngine:
+        raise RuntimeError(f"unexpected DeepSpeed checkpoint engine {type(ds_engine.checkpoint_engine).__name__}")
+    engine = _SafeCheckpointEngine(ds_engine._config)
+    ds_engine.checkpoint_engine = engine
+    copy_scripts = getattr(ds_engine, "_copy_recovery_script", None)
+    if copy_scripts is not None:  # rank 0 copies zero_to_fp32.py into checkpoints/ during every save
+        def guarded_copy(save_path: str) -> None:
+            failed = guarded_write(Path(save_path) / "zero_to_fp32.py", lambda: copy_scripts(save_path))
+            engine.write_failure = engine.write_failure or failed
+
+        ds_engine._copy_recovery_script = guarded_copy
+
+
 def build_engine(model: torch.nn.Module, cfg: Any, env: DistEnv, param_roles: Mapping[str, str]) -> Engine:
     """`deepspeed.initialize` for `model` with our optimizer, config and megatron's groups."""
     prepare_deepspeed()
@@ -235,6 +277,7 @@ def build_engine(model: torch.nn.Module, cfg: Any, env: DistEnv, param_roles: Ma
                                              mpu=MegatronMPU())
     finally:
         optimizer.skip_next_step = False
+    _use_safe_checkpoint_engine(ds_engine)
     if cfg.parallel.zero_stage == 3:
         optimizer.bind_zero3(ds_engine.optimizer)
         _quiet_root_output_warning(model)

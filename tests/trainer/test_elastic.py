@@ -166,7 +166,7 @@ def test_every_dp_rank_writes_a_part_and_a_missing_part_is_named(chain, tmp_path
     for tag, dp in (("a", 2), ("b", 1)):
         parts = sorted((root / "z1-fp32-muon" / tag).glob("elastic_state_tp0_part*.pt"))
         assert [p.name for p in parts] == [f"elastic_state_tp0_part{k}of{dp}.pt" for k in range(dp)]
-        names = [set(torch.load(p, weights_only=False)["params"]) for p in parts]
+        names = [set(torch.load(p, weights_only=True)["params"]) for p in parts]
         assert all(names) and set().union(*names) == set(ROLES) and sum(map(len, names)) == len(ROLES)
     broken = tmp_path / "broken"
     shutil.copytree(root / "z1-fp32-muon" / "a", broken)

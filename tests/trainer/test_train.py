@@ -209,6 +209,14 @@ def test_damaged_checkpoints_are_skipped_or_refused_in_one_line(smoke_data, tmp_
     state = ckpts / "4" / "trainer_state_rank0.pt"  # garbled in place: right size, wrong bytes
     state.write_bytes(b"\0" * state.stat().st_size)
     bad = run_train(1, run, flags + ["train.steps=9"], "--resume", str(ckpts / "4"), expect=2)
+    assert f"{state}: content differs from the sha256 COMPLETE recorded" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    # checkpoints written before COMPLETE recorded sha256 are checked by size only: loading finds the damage
+    for step in ("4", "8"):
+        meta = json.loads((ckpts / step / "COMPLETE").read_text())
+        del meta["sha256"]
+        (ckpts / step / "COMPLETE").write_text(json.dumps(meta))
+    bad = run_train(1, run, flags + ["train.steps=9"], "--resume", str(ckpts / "4"), expect=2)
     assert f"{state}: unreadable checkpoint file" in bad.stderr and "Traceback" not in bad.stderr
     model = ckpts / "8" / model_file
     model.write_bytes(b"\0" * model.stat().st_size)
