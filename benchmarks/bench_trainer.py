@@ -34,6 +34,7 @@ def main() -> dict:
 
     from benchmarks.common import write_result
     from data_pipeline.prepare import ensure_dataset
+    from pretrain.batches import model_inputs
     from pretrain.config import load_config
     from pretrain.distributed import init_distributed, shutdown
     from pretrain.models import build_model
@@ -55,10 +56,10 @@ def main() -> dict:
         model = build_model(cfg.model, cfg.loop, trainer.vocab_size)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2),
                                 weight_decay=cfg.train.weight_decay)
-        batch = torch.from_numpy(trainer.train_data.next_batch()["tokens"])
+        x = model_inputs(trainer.train_data.next_batch(), env.device)
 
         def bare_step() -> None:
-            out = model(batch[:, :-1], batch[:, 1:], loops=cfg.model.loops)
+            out = model(x.inputs, x.labels, loops=cfg.model.loops, doc_ids=x.doc_ids)
             out.loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
             opt.step()
@@ -69,8 +70,8 @@ def main() -> dict:
         shutdown()
     t_trainer, t_bare = statistics.median(trainer_times), statistics.median(bare_times)
     tokens = cfg.train.micro_batch * cfg.train.grad_accum * cfg.data.seq_len
-    flops = flops_per_token(cfg.model, cfg.data.seq_len, cfg.model.loops, 0, cfg.parallel.activation_checkpointing,
-                            vocab_size=vocab_size)
+    flops = flops_per_token(cfg.model, cfg.data.seq_len, cfg.model.loops, cfg.loop.backprop_loops,
+                            cfg.parallel.activation_checkpointing, vocab_size=vocab_size, loss_on=cfg.loop.loss_on)
     results = {
         "model": {"variant": cfg.model.variant, "loops": cfg.model.loops, "d_model": cfg.model.d_model,
                   "n_core": cfg.model.n_core, "seq_len": cfg.data.seq_len, "micro_batch": cfg.train.micro_batch},

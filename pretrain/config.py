@@ -169,7 +169,12 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Ru
         key, value = parse_override(text)
         set_dotted(data, key, value)
         build(RunConfig, data, f"--set {key}")  # override errors name the flag
-    return build(RunConfig, data, origin)
+    cfg = build(RunConfig, data, origin)
+    try:  # checks across keys that --set may fill one at a time: on the resolved config only
+        cfg.loop.check_depth(cfg.model.loops)
+    except ConfigError as err:
+        raise ConfigError(f"{origin}: {err}") from None
+    return cfg
 
 
 def config_from_dict(data: dict[str, Any], origin: str = "config") -> RunConfig:

@@ -1,6 +1,7 @@
 """Held-out loss as a function of test-time loop count: the curve a looped model is judged by.
 
-`loss_vs_loops` runs the same eval sequences at each loop count (fewer or more than trained), averages
+`loss_vs_loops` runs the same eval sequences at each loop count (fewer or more than trained), built into model
+inputs as training builds them (`pretrain.batches.model_inputs`: document masking included), averages
 over data-parallel ranks, and `write_eval` stores `eval/step_<n>.json` plus `eval/latest.json`.
 """
 
@@ -14,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from loopstack.fileio import atomic_write
+from pretrain.batches import model_inputs
 
 
 @torch.no_grad()
@@ -27,8 +29,8 @@ def loss_vs_loops(model: torch.nn.Module, make_data: Callable, loops: list[int],
             data = make_data()
             total = torch.zeros((), dtype=torch.float64, device=device)
             for _ in range(batches):
-                tokens = torch.from_numpy(data.next_batch()["tokens"]).to(device)
-                out = model(tokens[:, :-1], tokens[:, 1:], loops=n, backprop_loops=0)
+                x = model_inputs(data.next_batch(), device)  # as in training: doc_ids mask attention if present
+                out = model(x.inputs, x.labels, loops=n, backprop_loops=0, doc_ids=x.doc_ids)
                 total += out.loss.double()
             total /= batches
             if dp_group is not None and dist.is_initialized():

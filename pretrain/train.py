@@ -316,23 +316,23 @@ class Trainer:
         return 0
 
     def train_step(self) -> dict:
+        from pretrain.batches import model_inputs
         from pretrain.engine import step_or_skip
-        from pretrain.models.depth import depth_for_step
+        from pretrain.models.depth import curriculum_cap, depth_for_step
         from pretrain.optim import lr_at, set_lr
 
         cfg, env, engine = self.cfg, self.env, self.engine
         step = self.state.step
         loops, backprop = depth_for_step(cfg.loop, cfg.model.loops, cfg.seed, step)
+        loops_max = curriculum_cap(cfg.loop, cfg.model.loops, step)  # None without a depth curriculum
         set_lr(engine.optimizer, step, cfg.train)
         want_diag = bool(cfg.logging.diagnostics_every) and (step + 1) % cfg.logging.diagnostics_every == 0
         loss_sum = torch.zeros((), dtype=torch.float32, device=env.device)
         diagnostics = None
         for micro in range(cfg.train.grad_accum):
-            batch = self.train_data.next_batch()
-            tokens = torch.from_numpy(batch["tokens"]).to(env.device)
-            doc_ids = torch.from_numpy(batch["doc_ids"]).to(env.device)[:, :-1] if "doc_ids" in batch else None
-            out = engine(tokens[:, :-1], tokens[:, 1:], loops=loops, backprop_loops=backprop,
-                         diagnostics=want_diag and micro == 0, doc_ids=doc_ids)
+            x = model_inputs(self.train_data.next_batch(), env.device)
+            out = engine(x.inputs, x.labels, loops=loops, backprop_loops=backprop,
+                         diagnostics=want_diag and micro == 0, doc_ids=x.doc_ids)
             engine.backward(out.loss)
             loss_sum += out.loss.detach().float()
             if micro == 0 and out.diagnostics is not None:
@@ -351,6 +351,8 @@ class Trainer:
         record = {"step": self.state.step, "loss": loss, "lr": cfg.train.lr * lr_at(step, cfg.train),
                   "grad_norm": grad_norm, "tokens": self.state.tokens, "loops": loops, "backprop_loops": backprop,
                   "skipped": int(not stepped), "skipped_total": self.state.skipped_steps}
+        if loops_max is not None:
+            record["loops_max"] = loops_max
         if diagnostics is not None:
             record.update({f"diag/{k}": v for k, v in asdict(diagnostics).items()})
         return record
@@ -360,11 +362,9 @@ class Trainer:
         from pretrain.models.flops import flops_per_token
 
         tok_s = throughput.take()
-        loops = record["loops"]
-        loss_loops = {"last": 1, "all": loops, "last_third": -(-loops // 3)}[self.cfg.loop.loss_on]
-        flops = flops_per_token(self.cfg.model, self.cfg.data.seq_len, loops, record["backprop_loops"],
+        flops = flops_per_token(self.cfg.model, self.cfg.data.seq_len, record["loops"], record["backprop_loops"],
                                 self.cfg.parallel.activation_checkpointing, vocab_size=self.vocab_size,
-                                loss_loops=loss_loops)
+                                loss_on=self.cfg.loop.loss_on)  # the model's rule for which loops feed the loss
         record["tokens_per_s"] = tok_s
         record["model_flops_per_s"] = tok_s * flops.model_flops
         record["mfu"] = record["model_flops_per_s"] / (peak * self.env.world_size) if peak else None

@@ -85,6 +85,52 @@ class LoopConfig:
     backprop_loops: int = param(0, min=0, help="gradient through the last k loops only; 0 = all")
     loss_on: Literal["last", "all", "last_third"] = param(
         "last", help="which loops feed the loss (only loops that carry gradient count)")
+    curriculum_start: int = param(
+        0, min=0, help="depth curriculum: the loop cap at step 0; 0 = off. The cap ramps linearly to the target "
+                       "over curriculum_steps, cap(s) = min(target, start + floor((target - start) s / steps)); "
+                       "target = the sampler's upper bound: model.loops (fixed), max_loops or 2 x loops - min_loops "
+                       "(uniform), max_loops (poisson_lognormal, required). Every draw is clamped to the cap")
+    curriculum_steps: int = param(0, min=0, help="steps over which the curriculum cap ramps to its target (>= 1 when "
+                                                 "curriculum_start is set)")
+
+    def depth_target(self, mean_loops: int) -> int | None:
+        """The largest loop count the sampler can draw for mean depth `mean_loops` (model.loops); None when
+        unbounded (poisson_lognormal without max_loops). The depth curriculum ramps up to it."""
+        if self.sampler == "fixed":
+            top = mean_loops
+        elif self.sampler == "uniform":
+            top = max(self.max_loops or 2 * mean_loops - self.min_loops, self.min_loops)
+        elif self.sampler == "poisson_lognormal":
+            top = None if mean_loops > 1 else 1
+        else:
+            raise ValueError(f"unknown loop.sampler {self.sampler!r}")
+        if self.max_loops:
+            top = self.max_loops if top is None else min(top, self.max_loops)
+        return None if top is None else max(1, top)
+
+    def check_depth(self, mean_loops: int) -> None:
+        """The depth curriculum's checks, one-line ConfigErrors naming the key. They involve two keys or two
+        sections (model.loops = `mean_loops`), so they run on the resolved config, not in `check`: `--set` flags
+        are checked one at a time, and `--set loop.curriculum_start=1 --set loop.curriculum_steps=9` passes
+        through a state with only the first set."""
+        start, steps = self.curriculum_start, self.curriculum_steps
+        if not start:
+            if steps:
+                raise ConfigError(f"loop.curriculum_steps = {steps} has no effect without loop.curriculum_start "
+                                  "(the loop count at step 0; 0 = no curriculum)")
+            return
+        if steps < 1:
+            raise ConfigError(f"loop.curriculum_steps = {steps}: the depth curriculum (loop.curriculum_start = "
+                              f"{start}) needs loop.curriculum_steps >= 1")
+        target = self.depth_target(mean_loops)
+        if target is None:
+            raise ConfigError("loop.curriculum_start needs loop.max_loops with sampler poisson_lognormal: the "
+                              "ramp's target is the sampler's cap, and this sampler has none")
+        if start > target:
+            where = "loop.max_loops" if self.max_loops == target else \
+                {"fixed": "model.loops", "uniform": "2 x model.loops - loop.min_loops"}.get(self.sampler, "")
+            raise ConfigError(f"loop.curriculum_start = {start} is above the curriculum's target {target} ({where}: "
+                              "the largest loop count the sampler draws; the ramp goes from curriculum_start to it)")
 
 
 @dataclass(frozen=True)

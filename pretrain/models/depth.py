@@ -1,4 +1,4 @@
-"""Loop count per training step, and how many of those loops carry gradient.
+"""Loop count per training step, how many of those loops carry gradient, and which of them feed the loss.
 
 Samplers (`loop.sampler`):
     fixed              T = model.loops
@@ -7,8 +7,27 @@ Samplers (`loop.sampler`):
     uniform            T ~ Uniform{min_loops .. max_loops}; max_loops = 0 means 2 m - min_loops (mean m)
 `loop.max_loops` > 0 caps every sampler. One draw per step for the whole batch.
 
-A draw is a pure function of (seed, step): a numpy generator seeded with (seed, purpose, step). Every rank
-computes the same value with no communication, and a resumed run repeats the same depths.
+Depth curriculum (`loop.curriculum_start` = L_0 > 0, `loop.curriculum_steps` = S): the loop count at 0-based
+step s is capped at
+
+    L_max(s) = min(L_target, L_0 + floor((L_target - L_0) * s / S))
+
+(integer arithmetic), which reaches L_target at step S and stays there. L_target is the sampler's upper bound
+(`LoopConfig.depth_target`): model.loops for `fixed` (so T = L_max(s)), max_loops or 2 m - min_loops for
+`uniform`, max_loops for `poisson_lognormal` (required with a curriculum). Sampled depth is drawn exactly as
+without the curriculum, then clamped: T = min(draw, L_max(s)); the draws themselves (and so every depth after
+the ramp) are those of the same run without a curriculum. A cap below `min_loops` makes every draw the cap.
+`loop.backprop_loops` applies to the clamped count. s counts optimizer steps taken (metrics.jsonl logs step
+s as `"step": s + 1`, with `loops_max` = L_max(s)). `LoopConfig.check_depth` refuses, in one line naming the
+key: curriculum_steps < 1 with a curriculum, curriculum_steps without curriculum_start, a start above L_target,
+poisson_lognormal without max_loops; `curriculum_cap` (so every step's depth) runs it.
+
+Everything here is a pure function of (config, seed, step): a draw uses a numpy generator seeded with
+(seed, purpose, step). Every rank computes the same value with no communication, and a resumed run repeats
+the same depths and caps.
+
+Loss loops (`loop.loss_on`): `loss_loop_indices` is the one rule, used by the model (which loops get a loss
+head) and by the FLOP count (how many heads to count).
 """
 
 from __future__ import annotations
@@ -28,8 +47,19 @@ class Depth(NamedTuple):
     backprop: int  # the last `backprop` of them carry gradient
 
 
+def curriculum_cap(loop_cfg: LoopConfig, mean_loops: int, step: int) -> int | None:
+    """L_max(step) of the depth curriculum (see the module docstring), or None when it is off. Raises
+    ConfigError when the curriculum does not fit the sampler (no target, or a start above it)."""
+    loop_cfg.check_depth(mean_loops)
+    start = loop_cfg.curriculum_start
+    if not start:
+        return None
+    target = loop_cfg.depth_target(mean_loops)
+    return min(target, start + (target - start) * max(step, 0) // loop_cfg.curriculum_steps)
+
+
 def sample_loops(loop_cfg: LoopConfig, mean_loops: int, seed: int, step: int) -> int:
-    """Loop count for training step `step`."""
+    """Loop count for training step `step` (0-based), the curriculum's cap applied."""
     rng = np.random.default_rng([seed, _PURPOSE, step])
     if loop_cfg.sampler == "fixed":
         n = mean_loops
@@ -46,7 +76,9 @@ def sample_loops(loop_cfg: LoopConfig, mean_loops: int, seed: int, step: int) ->
         n = int(rng.integers(lo, max(hi, lo) + 1))
     else:
         raise ValueError(f"unknown loop.sampler {loop_cfg.sampler!r}")
-    return max(1, min(n, loop_cfg.max_loops) if loop_cfg.max_loops else n)
+    n = max(1, min(n, loop_cfg.max_loops) if loop_cfg.max_loops else n)
+    cap = curriculum_cap(loop_cfg, mean_loops, step)
+    return n if cap is None else min(n, cap)
 
 
 def depth_for_step(loop_cfg: LoopConfig, mean_loops: int, seed: int, step: int) -> Depth:
@@ -54,3 +86,19 @@ def depth_for_step(loop_cfg: LoopConfig, mean_loops: int, seed: int, step: int) 
     total = sample_loops(loop_cfg, mean_loops, seed, step)
     k = loop_cfg.backprop_loops
     return Depth(total, total if k <= 0 else min(k, total))
+
+
+def loss_loop_indices(loss_on: str, total: int, backprop: int = 0) -> range:
+    """The 1-based loops whose output feeds the loss, out of `total`: those `loss_on` chooses (last: the last;
+    all: every loop; last_third: the last ceil(total / 3)) that also carry gradient (the last `backprop`; 0 =
+    all). Both sets are suffixes, so this is the last min(chosen, backprop) loops, never empty."""
+    if loss_on == "last":
+        chosen = 1
+    elif loss_on == "all":
+        chosen = total
+    elif loss_on == "last_third":
+        chosen = math.ceil(total / 3)
+    else:
+        raise ValueError(f"loss_on must be last, all or last_third, not {loss_on!r}")
+    k = total if backprop <= 0 else min(backprop, total)
+    return range(total - min(chosen, k) + 1, total + 1)

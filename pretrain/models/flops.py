@@ -8,6 +8,8 @@ Counting (matrix multiplies only; norms, rotary, softmax and elementwise work ar
   sequence and flash kernels skip the masked blocks; `attention="full"` counts the full square (PaLM-style MFU,
   and what a math-kernel FLOP counter measures);
 - loops under no_grad (truncated backprop) cost their forward only; the last `backprop_loops` cost 3x;
+- one loss head (coda + output head) per loss-feeding loop: `loss_on` counts them with the model's own rule
+  (`depth.loss_loop_indices`), or `loss_loops` gives the count;
 - activation checkpointing adds one more forward of what it recomputes: each backpropagated loop ("loop"), or
   every backpropagated layer ("layer"); with more than one loss-feeding loop the loss heads (coda + head) are
   recomputed too.
@@ -20,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pretrain.models.config import ModelConfig, mlp_hidden, padded_vocab, resolve_switches
+from pretrain.models.depth import loss_loop_indices
 
 
 @dataclass(frozen=True)
@@ -43,9 +46,10 @@ class FlopsBreakdown:
 
 def flops_per_token(model_cfg: ModelConfig, seq_len: int, loops: int, backprop_loops: int = 0,
                     activation_checkpointing: str = "none", *, vocab_size: int = 0, loss_loops: int = 1,
-                    attention: str = "causal") -> FlopsBreakdown:
+                    attention: str = "causal", loss_on: str | None = None) -> FlopsBreakdown:
     """FLOPs per token of one training step (forward + backward). `backprop_loops` 0 = all; `vocab_size` is used
-    when model.vocab_size is 0; `loss_loops` = loops feeding the loss (1 for loss_on: last)."""
+    when model.vocab_size is 0; `loss_on` (loop.loss_on) counts the loss-feeding loops as the model does;
+    without it `loss_loops` is their count (1 for loss_on: last; at most the backpropagated loops)."""
     vocab = model_cfg.vocab_size or vocab_size
     if vocab <= 0:
         raise ValueError("vocabulary size unknown: set model.vocab_size or pass vocab_size")
@@ -55,7 +59,7 @@ def flops_per_token(model_cfg: ModelConfig, seq_len: int, loops: int, backprop_l
     hd, n_kv = d // model_cfg.n_heads, model_cfg.n_kv_heads or model_cfg.n_heads
     d_q, d_kv = model_cfg.n_heads * hd, n_kv * hd
     k = loops if backprop_loops <= 0 else min(backprop_loops, loops)
-    n_loss = max(1, min(loss_loops, k))
+    n_loss = len(loss_loop_indices(loss_on, loops, k)) if loss_on is not None else max(1, min(loss_loops, k))
 
     attn = 4 * seq_len * d_q * (0.5 if attention == "causal" else 1.0)
     proj = 2 * (d * d_q + 2 * d * d_kv + d_q * d)

@@ -42,6 +42,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from pretrain.models.config import LoopConfig, ModelConfig, Switches, mlp_hidden, padded_vocab, resolve_switches
+from pretrain.models.depth import loss_loop_indices
 from pretrain.models.diagnostics import EarlyExit, LoopDiagnostics, Recorder
 from pretrain.models.generate import KVCache, generate
 from pretrain.models.injection import Concat, Injection, Parcae, init_state
@@ -116,7 +117,7 @@ class LoopedLM(nn.Module):
         e = self.injection.prepare(self._prelude(tokens, ctx))
         h = init_state(self.switches, e, self._initial_noise(e, ctx), self.outer_norm)
 
-        loss_loops = set() if labels is None or exit_epsilon is not None else self._loss_loops(n, k, loss_on)
+        loss_loops = range(0) if labels is None or exit_epsilon is not None else self._loss_loops(n, k, loss_on)
         recorder = Recorder(n) if diagnostics else None
         early_exit = EarlyExit(exit_epsilon, tokens.shape[0], n, tokens.device) if exit_epsilon is not None else None
         grad_on, losses = torch.is_grad_enabled(), []
@@ -203,18 +204,10 @@ class LoopedLM(nn.Module):
 
     # --- helpers ----------------------------------------------------------------------------------------------
 
-    def _loss_loops(self, n: int, k: int, loss_on: str | None) -> set[int]:
-        """1-based loops feeding the loss: the chosen ones among those that carry gradient (the last k)."""
-        mode = loss_on or self.loop_cfg.loss_on
-        if mode == "last":
-            chosen = {n}
-        elif mode == "all":
-            chosen = set(range(1, n + 1))
-        elif mode == "last_third":
-            chosen = set(range(n - math.ceil(n / 3) + 1, n + 1))
-        else:
-            raise ValueError(f"loss_on must be last, all or last_third, not {mode!r}")
-        return {t for t in chosen if t > n - k}
+    def _loss_loops(self, n: int, k: int, loss_on: str | None) -> range:
+        """1-based loops feeding the loss: the chosen ones among those that carry gradient (the last k); the rule
+        is `depth.loss_loop_indices`, which the FLOP count uses too."""
+        return loss_loop_indices(loss_on or self.loop_cfg.loss_on, n, k)
 
     def _context(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None, cache: KVCache | None,
                  loops: int) -> _Context:

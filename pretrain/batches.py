@@ -1,0 +1,26 @@
+"""From a loader batch to the model's inputs: the one path training, evaluation and benchmarks share.
+
+A loader batch (`data_pipeline.loader.PackedDataset.next_batch`) holds `tokens` [B, L + 1] and, with
+`data.document_masking`, `doc_ids` [B, L + 1]. The model reads inputs tokens[:, :-1], predicts labels
+tokens[:, 1:], and, when the batch has doc_ids, attends only within a document (doc_ids of the input positions).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+
+class ModelInputs(NamedTuple):
+    inputs: torch.Tensor  # [B, L] token ids
+    labels: torch.Tensor  # [B, L] next-token targets
+    doc_ids: torch.Tensor | None  # [B, L] document index of each input position; None = no document masking
+
+
+def model_inputs(batch: dict[str, np.ndarray], device: torch.device | str) -> ModelInputs:
+    """`batch` (numpy, from the loader) as model inputs on `device`: model(x.inputs, x.labels, doc_ids=x.doc_ids)."""
+    tokens = torch.from_numpy(batch["tokens"]).to(device)
+    doc_ids = torch.from_numpy(batch["doc_ids"]).to(device)[:, :-1] if "doc_ids" in batch else None
+    return ModelInputs(tokens[:, :-1], tokens[:, 1:], doc_ids)
