@@ -5,9 +5,10 @@
     set_lr(opt, step, cfg.train)                                     # before each optimizer step (0-based)
 
 Parameter roles (given by the model, by parameter name): "matrix" = 2-D block matrices (decayed; Muon
-when train.optimizer = muon), "embedding", "head", "norm", "injection", "bias" (AdamW, no decay). This
-is the recipe of the FLT and Parcae papers: Muon for the block matrices, AdamW for the embedding, the
-head, gains and the injection parameters, each group at its own learning rate.
+when train.optimizer = muon), "embedding", "head", "norm", "injection", "lora" (per-loop LoRA adapters),
+"bias" (AdamW, no decay); a role not in ROLES is an error. This is the recipe of the FLT and Parcae
+papers: Muon for the block matrices, AdamW for the embedding, the head, gains and the injection
+parameters, each group at its own learning rate.
 
 Everything is one optimizer (`HybridOptimizer`) so that DeepSpeed can wrap it as a client optimizer under
 any ZeRO stage; see `pretrain.muon` for how the Muon part stays correct under ZeRO 1/2/3 and TP.
@@ -24,7 +25,7 @@ import torch.distributed as dist
 
 from pretrain.muon import MatrixInfo, TPContext, Zero3Matrix, muon_step_flat, muon_step_shaped, muon_step_zero3
 
-ROLES = ("matrix", "embedding", "head", "norm", "injection", "bias")
+ROLES = ("matrix", "embedding", "head", "norm", "injection", "lora", "bias")
 # group name -> update rule; this order is the param-group order
 GROUPS: dict[str, str] = {"muon": "muon", "adamw_decay": "adamw", "adamw_no_decay": "adamw",
                           "embedding": "adamw", "head": "adamw"}

@@ -199,6 +199,20 @@ class Trainer:
         return path
 
     def restore(self, info: ckpt.CheckpointInfo, *, rollback: bool = False) -> None:
+        """Load `info` into the engine, the loader and the counters. A refusal on any rank (a file only that
+        rank reads, such as its trainer state) is raised on every rank, so no rank is left in a collective."""
+        refusal = None
+        try:
+            self._restore(info, rollback=rollback)
+        except UserError as err:
+            refusal = str(err)
+        everyone: list[str | None] = [None] * self.env.world_size
+        dist.all_gather_object(everyone, refusal)
+        first = next((r for r in everyone if r), None)
+        if first is not None:
+            raise UserError(first)
+
+    def _restore(self, info: ckpt.CheckpointInfo, *, rollback: bool = False) -> None:
         meta = info.meta
         if meta.get("tokenizer_sha256") not in (None, self.tokenizer.sha256):
             raise UserError(f"{info.path}: written with tokenizer {meta['tokenizer_sha256'][:12]}, this run uses "
@@ -329,10 +343,14 @@ class Trainer:
         want_diag = bool(cfg.logging.diagnostics_every) and (step + 1) % cfg.logging.diagnostics_every == 0
         loss_sum = torch.zeros((), dtype=torch.float32, device=env.device)
         diagnostics = None
+        depths = self._sequence_depths(step) if cfg.loop.per_sequence else None  # [micro steps x dp, micro_batch]
         for micro in range(cfg.train.grad_accum):
             x = model_inputs(self.train_data.next_batch(), env.device)
-            out = engine(x.inputs, x.labels, loops=loops, backprop_loops=backprop,
-                         diagnostics=want_diag and micro == 0, doc_ids=x.doc_ids)
+            kw = dict(loops=loops, backprop_loops=backprop)
+            if depths is not None:  # this rank's micro batch: row micro * dp + dp_rank (global_sequence_index)
+                kw = dict(depths=torch.from_numpy(depths[micro * env.dp + env.dp_rank]),
+                          backprop_loops=cfg.loop.backprop_loops)
+            out = engine(x.inputs, x.labels, **kw, diagnostics=want_diag and micro == 0, doc_ids=x.doc_ids)
             engine.backward(out.loss)
             loss_sum += out.loss.detach().float()
             if micro == 0 and out.diagnostics is not None:
@@ -351,24 +369,44 @@ class Trainer:
         record = {"step": self.state.step, "loss": loss, "lr": cfg.train.lr * lr_at(step, cfg.train),
                   "grad_norm": grad_norm, "tokens": self.state.tokens, "loops": loops, "backprop_loops": backprop,
                   "skipped": int(not stepped), "skipped_total": self.state.skipped_steps}
+        if depths is not None:  # loops: the deepest sequence of the global batch; loops_mean: the mean depth
+            k, loops = cfg.loop.backprop_loops, int(depths.max())
+            record.update(loops=loops, loops_mean=float(depths.mean()), backprop_loops=min(k, loops) if k else loops)
+            self._depths = depths
         if loops_max is not None:
             record["loops_max"] = loops_max
         if diagnostics is not None:
             record.update({f"diag/{k}": v for k, v in asdict(diagnostics).items()})
         return record
 
+    def _sequence_depths(self, step: int):
+        """Per-sequence loop counts of step `step`'s global batch, [grad_accum x dp, micro_batch] (int64): row
+        micro * dp + dp_rank is that rank's micro batch (`depth.global_sequence_index`). Every rank computes all
+        of them (the same values, no communication) so the logged max / mean and FLOPs are the global batch's."""
+        from pretrain.models.depth import sequence_loops
+
+        cfg = self.cfg
+        rows, mb = cfg.train.grad_accum * self.env.dp, cfg.train.micro_batch
+        return sequence_loops(cfg.loop, cfg.model.loops, cfg.seed, step, 0, rows * mb).reshape(rows, mb)
+
     def _log_step(self, record: dict, throughput: Throughput, device_name: str, peak: float | None,
                   elapsed: float, steps_run: int) -> None:
-        from pretrain.models.flops import flops_per_token
+        from pretrain.models.flops import flops_per_token, per_sequence_flops
 
         tok_s = throughput.take()
-        flops = flops_per_token(self.cfg.model, self.cfg.data.seq_len, record["loops"], record["backprop_loops"],
-                                self.cfg.parallel.activation_checkpointing, vocab_size=self.vocab_size,
-                                loss_on=self.cfg.loop.loss_on)  # the model's rule for which loops feed the loss
+        if self.cfg.loop.per_sequence:  # model FLOPs from each sequence's depth, hardware from what each batch ran
+            model_flops, hardware_flops = per_sequence_flops(
+                self.cfg.model, self.cfg.data.seq_len, self._depths, self.cfg.loop.backprop_loops,
+                self.cfg.parallel.activation_checkpointing, vocab_size=self.vocab_size)
+        else:
+            flops = flops_per_token(self.cfg.model, self.cfg.data.seq_len, record["loops"], record["backprop_loops"],
+                                    self.cfg.parallel.activation_checkpointing, vocab_size=self.vocab_size,
+                                    loss_on=self.cfg.loop.loss_on)  # the model's rule for which loops feed the loss
+            model_flops, hardware_flops = flops.model_flops, flops.hardware_flops
         record["tokens_per_s"] = tok_s
-        record["model_flops_per_s"] = tok_s * flops.model_flops
+        record["model_flops_per_s"] = tok_s * model_flops
         record["mfu"] = record["model_flops_per_s"] / (peak * self.env.world_size) if peak else None
-        record["hfu"] = tok_s * flops.hardware_flops / (peak * self.env.world_size) if peak else None
+        record["hfu"] = tok_s * hardware_flops / (peak * self.env.world_size) if peak else None
         record["memory_gb"] = _memory_gb(self.env.device)
         self.log.log(record)
         self.log.progress(record["step"], record, elapsed, steps_run)

@@ -5,8 +5,8 @@
     out = model(tokens, labels, loops=8, backprop_loops=4, diagnostics=True)   # LoopedOutput
 
 Files: config.py (sections, recipes), layers.py (norms, rotary, attention, MLP), injection.py (how the input
-enters the loop), looped.py (the model), diagnostics.py (per-loop health, early exit), depth.py (loop-count
-sampling), flops.py (FLOPs per token), generate.py (KV cache, generation).
+enters the loop), lora.py (per-loop LoRA on the core), looped.py (the model), diagnostics.py (per-loop health,
+early exit), depth.py (loop-count sampling), flops.py (FLOPs per token), generate.py (KV cache, generation).
 
 Names are imported lazily: `pretrain.config` reads `pretrain.models.config` without paying for torch/megatron.
 """

@@ -22,6 +22,9 @@ InternalRecall = Literal["none", "layer", "mlp", "sublayer"]
 StateInject = Literal["none", "query_first", "query_all", "stream_all"]
 NormStyle = Literal["pre", "sandwich"]
 StateInit = Literal["zeros", "embed", "random"]
+# the projections of a layer (names of the modules in layers.py), in the order the per-loop adapters are built
+LoRATarget = Literal["wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"]
+LORA_TARGETS: tuple[str, ...] = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 
 
 @dataclass
@@ -62,6 +65,13 @@ class ModelConfig:
     state_init: StateInit | None = param(None, help="h_0: zeros, the embedded input, or truncated-normal noise")
     state_init_std: float | None = param(None, min=0.0, help="std of random h_0 (Huginn: 0.63)")
     embed_scale: bool | None = param(None, help="multiply the embedding by sqrt(d_model) (Huginn)")
+    # --- relaxed sharing: per-loop LoRA on the core block (Relaxed Recursive Transformers) ---
+    loop_lora_rank: int = param(0, min=0, help="rank r of a per-loop low-rank delta W + (alpha / r) B_t A_t on the "
+                                               "core layers' projections (one adapter per loop index); 0 = off")
+    loop_lora_alpha: float | None = param(None, min=0.0, help="LoRA alpha (scale alpha / r); null = r (scale 1)")
+    loop_lora_targets: list[LoRATarget] = param(
+        [], help="core projections that get per-loop adapters, among wq wk wv wo w_gate w_up w_down "
+                 "(w_gate: swiglu only); [] = all of the model's")
 
     def check(self) -> None:
         kv = self.n_kv_heads or self.n_heads
@@ -72,6 +82,7 @@ class ModelConfig:
         if self.n_heads % kv:
             raise ConfigError(f"n_kv_heads = {kv} does not divide n_heads = {self.n_heads}")
         resolve_switches(self)
+        lora_targets(self)
 
 
 @dataclass
@@ -92,6 +103,9 @@ class LoopConfig:
                        "(uniform), max_loops (poisson_lognormal, required). Every draw is clamped to the cap")
     curriculum_steps: int = param(0, min=0, help="steps over which the curriculum cap ramps to its target (>= 1 when "
                                                  "curriculum_start is set)")
+    per_sequence: bool = param(
+        False, help="draw a loop count for every sequence of the global batch (Parcae), not one per step: the batch "
+                    "runs the largest, a sequence past its own count keeps its state; needs loss_on: last")
 
     def depth_target(self, mean_loops: int) -> int | None:
         """The largest loop count the sampler can draw for mean depth `mean_loops` (model.loops); None when
@@ -109,10 +123,14 @@ class LoopConfig:
         return None if top is None else max(1, top)
 
     def check_depth(self, mean_loops: int) -> None:
-        """The depth curriculum's checks, one-line ConfigErrors naming the key. They involve two keys or two
+        """The depth checks (curriculum; per-sequence depth needs loss_on: last), one-line ConfigErrors naming the
+        key. They involve two keys or two
         sections (model.loops = `mean_loops`), so they run on the resolved config, not in `check`: `--set` flags
         are checked one at a time, and `--set loop.curriculum_start=1 --set loop.curriculum_steps=9` passes
         through a state with only the first set."""
+        if self.per_sequence and self.loss_on != "last":
+            raise ConfigError(f"loop.per_sequence needs loop.loss_on: last, not {self.loss_on!r} (each sequence's "
+                              "loss is taken on its own final state)")
         start, steps = self.curriculum_start, self.curriculum_steps
         if not start:
             if steps:
@@ -189,6 +207,39 @@ def padded_vocab(vocab_size: int) -> int:
 def mlp_hidden(cfg: ModelConfig) -> int:
     """MLP width, rounded up to a multiple of 16 so it splits evenly for TP <= 16 (independent of TP)."""
     return 16 * math.ceil(cfg.mlp_ratio * cfg.d_model / 16)
+
+
+def lora_targets(cfg: ModelConfig) -> tuple[str, ...]:
+    """The core projections that get per-loop LoRA adapters (in LORA_TARGETS order); () when loop_lora_rank is 0."""
+    if not cfg.loop_lora_rank:
+        return ()
+    present = tuple(t for t in LORA_TARGETS if t != "w_gate" or cfg.mlp == "swiglu")
+    chosen = set(cfg.loop_lora_targets)
+    if "w_gate" in chosen and cfg.mlp != "swiglu":
+        raise ConfigError(f"loop_lora_targets names w_gate, which only a swiglu MLP has (mlp = {cfg.mlp})")
+    return tuple(t for t in present if t in chosen) if chosen else present
+
+
+def projection_dims(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(input, output) width of each projection of a layer, by module name (whole, not per TP rank)."""
+    hd, n_kv, hidden = cfg.d_model // cfg.n_heads, cfg.n_kv_heads or cfg.n_heads, mlp_hidden(cfg)
+    d, d_q, d_kv = cfg.d_model, cfg.n_heads * hd, n_kv * hd
+    dims = dict(wq=(d, d_q), wk=(d, d_kv), wv=(d, d_kv), wo=(d_q, d), w_gate=(d, hidden), w_up=(d, hidden),
+                w_down=(hidden, d))
+    if cfg.mlp != "swiglu":
+        del dims["w_gate"]
+    return dims
+
+
+def lora_bank(model_cfg: ModelConfig, loop_cfg: LoopConfig) -> int:
+    """Adapters per (core layer, projection): one per loop index a training step can reach, i.e. the sampler's
+    largest draw (`LoopConfig.depth_target`: model.loops for `fixed`, max_loops or 2 x loops - min_loops for
+    `uniform`, max_loops for `poisson_lognormal`), or model.loops when the sampler is unbounded (poisson_lognormal
+    without max_loops). Loop t (0-based) uses adapter min(t, bank - 1): deeper loops, in training or at test time,
+    reuse the last one. 0 when loop_lora_rank is 0."""
+    if not model_cfg.loop_lora_rank:
+        return 0
+    return loop_cfg.depth_target(model_cfg.loops) or model_cfg.loops
 
 
 def resolve_switches(cfg: ModelConfig) -> Switches:

@@ -5,7 +5,8 @@ Samplers (`loop.sampler`):
     poisson_lognormal  tau ~ Normal(log(m - 1) - s^2 / 2, s),  T = 1 + Poisson(exp(tau))      (Huginn)
                        E[exp(tau)] = m - 1, so E[T] = m = model.loops; heavy right tail; s = loop.sigma
     uniform            T ~ Uniform{min_loops .. max_loops}; max_loops = 0 means 2 m - min_loops (mean m)
-`loop.max_loops` > 0 caps every sampler. One draw per step for the whole batch.
+`loop.max_loops` > 0 caps every sampler. One draw per step for the whole batch, or, with `loop.per_sequence`
+(Parcae), one draw per sequence of the global batch (`sequence_loops`, indexed by `global_sequence_index`).
 
 Depth curriculum (`loop.curriculum_start` = L_0 > 0, `loop.curriculum_steps` = S): the loop count at 0-based
 step s is capped at
@@ -40,6 +41,7 @@ import numpy as np
 from pretrain.models.config import LoopConfig
 
 _PURPOSE = 0x100B5  # separates this stream from any other use of (seed, step)
+_PURPOSE_SEQ = 0x100B6  # the per-sequence draws
 
 
 class Depth(NamedTuple):
@@ -60,7 +62,33 @@ def curriculum_cap(loop_cfg: LoopConfig, mean_loops: int, step: int) -> int | No
 
 def sample_loops(loop_cfg: LoopConfig, mean_loops: int, seed: int, step: int) -> int:
     """Loop count for training step `step` (0-based), the curriculum's cap applied."""
-    rng = np.random.default_rng([seed, _PURPOSE, step])
+    n = _draw(loop_cfg, mean_loops, np.random.default_rng([seed, _PURPOSE, step]))
+    cap = curriculum_cap(loop_cfg, mean_loops, step)
+    return n if cap is None else min(n, cap)
+
+
+def global_sequence_index(micro: int, dp_rank: int, dp: int, micro_batch: int) -> int:
+    """Global index of the first sequence of micro step `micro` on data-parallel rank `dp_rank`: the step's
+    global batch is grad_accum x dp x micro_batch sequences, numbered in the order the loader hands them out
+    (micro step, then DP rank, then row), so row i of that micro batch is this + i. TP ranks share a DP rank."""
+    return (micro * dp + dp_rank) * micro_batch
+
+
+def sequence_loops(loop_cfg: LoopConfig, mean_loops: int, seed: int, step: int, first: int, count: int) -> np.ndarray:
+    """Per-sequence depth (`loop.per_sequence`): loop counts [count] (int64) of global sequences first ..
+    first + count - 1 of step `step`, each drawn by the configured sampler from its own generator seeded with
+    (seed, purpose, step, global index) and clamped to the curriculum cap: a pure function of those four, so
+    every rank, micro step and resumed run agrees without communication."""
+    cap = curriculum_cap(loop_cfg, mean_loops, step)
+    out = np.empty(count, dtype=np.int64)
+    for j in range(count):
+        n = _draw(loop_cfg, mean_loops, np.random.default_rng([seed, _PURPOSE_SEQ, step, first + j]))
+        out[j] = n if cap is None else min(n, cap)
+    return out
+
+
+def _draw(loop_cfg: LoopConfig, mean_loops: int, rng: np.random.Generator) -> int:
+    """One draw of the sampler (max_loops applied, no curriculum)."""
     if loop_cfg.sampler == "fixed":
         n = mean_loops
     elif loop_cfg.sampler == "poisson_lognormal":
@@ -76,9 +104,7 @@ def sample_loops(loop_cfg: LoopConfig, mean_loops: int, seed: int, step: int) ->
         n = int(rng.integers(lo, max(hi, lo) + 1))
     else:
         raise ValueError(f"unknown loop.sampler {loop_cfg.sampler!r}")
-    n = max(1, min(n, loop_cfg.max_loops) if loop_cfg.max_loops else n)
-    cap = curriculum_cap(loop_cfg, mean_loops, step)
-    return n if cap is None else min(n, cap)
+    return max(1, min(n, loop_cfg.max_loops) if loop_cfg.max_loops else n)
 
 
 def depth_for_step(loop_cfg: LoopConfig, mean_loops: int, seed: int, step: int) -> Depth:

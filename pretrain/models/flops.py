@@ -21,7 +21,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pretrain.models.config import ModelConfig, mlp_hidden, padded_vocab, resolve_switches
+from pretrain.models.config import (
+    ModelConfig,
+    lora_targets,
+    mlp_hidden,
+    padded_vocab,
+    projection_dims,
+    resolve_switches,
+)
 from pretrain.models.depth import loss_loop_indices
 
 
@@ -42,6 +49,14 @@ class FlopsBreakdown:
     recompute: float  # activation-checkpoint re-forwards
     model_flops: float
     hardware_flops: float
+
+
+def loop_lora_flops(model_cfg: ModelConfig) -> float:
+    """Forward FLOPs per token of one loop's per-loop LoRA adapters (`model.loop_lora_rank` r): x -> A_t x -> B_t u
+    costs 2 r (in + out) per adapted projection of every core layer (counted in `core_forward`, so backpropagated
+    loops cost 3x and recomputation adds one more forward, like the layers); 0 without adapters."""
+    dims = projection_dims(model_cfg)
+    return float(model_cfg.n_core * sum(2 * model_cfg.loop_lora_rank * sum(dims[t]) for t in lora_targets(model_cfg)))
 
 
 def flops_per_token(model_cfg: ModelConfig, seq_len: int, loops: int, backprop_loops: int = 0,
@@ -66,7 +81,8 @@ def flops_per_token(model_cfg: ModelConfig, seq_len: int, loops: int, backprop_l
     mlp = 2 * (3 if model_cfg.mlp == "swiglu" else 2) * d * mlp_hidden(model_cfg)
     layer = proj + mlp + attn
     inject = {"concat": 2 * 2 * d * d, "parcae": 2 * d * d}.get(sw.injection, 0)
-    core = model_cfg.n_core * layer + inject
+    lora = loop_lora_flops(model_cfg)  # per-loop adapters: part of every loop, recomputed with its layers
+    core = model_cfg.n_core * layer + inject + lora
     prelude = model_cfg.n_prelude * layer
     head = model_cfg.n_coda * layer + 2 * d * padded_vocab(vocab)
 
@@ -77,7 +93,7 @@ def flops_per_token(model_cfg: ModelConfig, seq_len: int, loops: int, backprop_l
         recompute = k * core + heads_recomputed
     elif activation_checkpointing == "layer":
         coda = heads_recomputed if n_loss > 1 else n_loss * model_cfg.n_coda * layer
-        recompute = prelude + k * model_cfg.n_core * layer + coda
+        recompute = prelude + k * (model_cfg.n_core * layer + lora) + coda
     elif activation_checkpointing == "none":
         recompute = 0.0
     else:
@@ -87,3 +103,28 @@ def flops_per_token(model_cfg: ModelConfig, seq_len: int, loops: int, backprop_l
                           layer_forward=layer, attention_forward=attn, core_forward=core, prelude_forward=prelude,
                           head_forward=head, forward_only=forward_only, backprop=backprop, recompute=recompute,
                           model_flops=model_flops, hardware_flops=model_flops + recompute)
+
+
+def per_sequence_flops(model_cfg: ModelConfig, seq_len: int, depths, backprop_loops: int = 0,
+                       activation_checkpointing: str = "none", *, vocab_size: int = 0,
+                       attention: str = "causal") -> tuple[float, float]:
+    """(model, hardware) FLOPs per token of one training step with per-sequence depth (`loop.per_sequence`,
+    loss on the last loop). `depths`: the global batch's loop counts, one row per micro batch ([micro batches,
+    micro_batch], every row the same number of tokens). Model FLOPs: the mean over sequences of each one's own
+    count (d loops, its last min(backprop_loops, d) backpropagated). Hardware FLOPs: what runs, the mean over
+    micro batches of the cost of running max(d) loops for every row, with a graph from the earliest gradient
+    window on (see `looped._PerSequence`), recomputation included."""
+    import numpy as np
+
+    rows = np.asarray(depths, dtype=np.int64).reshape(-1, np.shape(depths)[-1])
+    k = backprop_loops
+    kw = dict(vocab_size=vocab_size, attention=attention, loss_on="last")
+
+    def count(loops: int, backprop: int) -> FlopsBreakdown:
+        return flops_per_token(model_cfg, seq_len, loops, backprop, activation_checkpointing, **kw)
+
+    values, freq = np.unique(rows, return_counts=True)
+    model = sum(int(c) * count(int(d), k).model_flops for d, c in zip(values, freq, strict=True)) / rows.size
+    starts = rows - np.minimum(rows, k) if k > 0 else np.zeros_like(rows)
+    hardware = [count(int(r.max()), int(r.max() - s.min())).hardware_flops for r, s in zip(rows, starts, strict=True)]
+    return float(model), float(sum(hardware) / len(hardware))

@@ -13,6 +13,10 @@ from the default torch RNG and split, so the unsharded initial weights are ident
 the same seed (on GPU too; the model is moved to the device afterwards). Nothing here draws random numbers in
 forward (no dropout), so activation checkpointing needs no RNG bookkeeping.
 
+Per-loop LoRA (lora.py) enters through the `lora` argument of the forwards: a mapping from projection name to the
+delta of that projection's output on this rank, given its input (the replicated input for the column-parallel
+projections, this rank's slice for the row-parallel ones); the core layers receive one per loop.
+
 Tensors are [batch, seq, d_model] (megatron's linears accept any 3-D layout); attention runs on
 [batch, heads, seq, head_dim] through `F.scaled_dot_product_attention` (flash kernels on CUDA when no explicit
 mask is needed).
@@ -21,6 +25,7 @@ mask is needed).
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Mapping
 from functools import partial
 
 import torch
@@ -70,6 +75,15 @@ def sharded(p: nn.Parameter, dim: int) -> nn.Parameter:
     """Mark a parameter as split across TP ranks along `dim` (as megatron's own layers do)."""
     p.tensor_model_parallel, p.partition_dim, p.partition_stride = True, dim, 1
     return p
+
+
+# per-loop LoRA (lora.py): projection name -> the delta of its output on this rank, given the projection's input
+LoRA = Mapping[str, Callable[[torch.Tensor], torch.Tensor]]
+
+
+def adapt(lora: LoRA | None, name: str, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """y plus the adapter delta of projection `name` on input x, when `lora` adapts that projection."""
+    return y + lora[name](x) if lora is not None and name in lora else y
 
 
 def to_tp(x: torch.Tensor) -> torch.Tensor:
@@ -150,15 +164,19 @@ class Attention(nn.Module):
         self.k_norm = HeadNorm(self.n_local_kv, self.head_dim, affine, mp.params_dtype) if cfg.qk_norm else None
 
     def forward(self, x_q: torch.Tensor, x_kv: torch.Tensor, rope, mask: torch.Tensor | None = None,
-                kv_cache=None) -> torch.Tensor:
+                kv_cache=None, lora: LoRA | None = None) -> torch.Tensor:
         """`mask`: None = causal with queries aligned to the last keys; else a boolean [B or 1, 1, Tq, Tk]
-        (True = may attend). `kv_cache`: a `generate.LayerKV` that appends this call's keys/values."""
+        (True = may attend). `kv_cache`: a `generate.LayerKV` that appends this call's keys/values. `lora`:
+        per-loop adapter deltas by projection name (lora.py)."""
         B, T, _ = x_q.shape
         kv_in = to_tp(x_kv)
         q_in = kv_in if x_q is x_kv else to_tp(x_q)
-        q = self.wq(q_in)[0].view(B, T, self.n_local, self.head_dim).transpose(1, 2)
-        k = self.wk(kv_in)[0].view(B, T, self.n_local_kv, self.head_dim).transpose(1, 2)
-        v = self.wv(kv_in)[0].view(B, T, self.n_local_kv, self.head_dim).transpose(1, 2)
+        q = adapt(lora, "wq", self.wq(q_in)[0], x_q)  # column-parallel adapters read the replicated inputs
+        k = adapt(lora, "wk", self.wk(kv_in)[0], x_kv)
+        v = adapt(lora, "wv", self.wv(kv_in)[0], x_kv)
+        q = q.view(B, T, self.n_local, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_local_kv, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_local_kv, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, rope), apply_rotary(k, rope)
@@ -170,7 +188,8 @@ class Attention(nn.Module):
             raise ValueError("a multi-token chunk after cached tokens needs an explicit mask")
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            enable_gqa=self.n_local_kv != self.n_local)
-        return self.wo(y.transpose(1, 2).reshape(B, T, self.n_local * self.head_dim))[0]
+        y = y.transpose(1, 2).reshape(B, T, self.n_local * self.head_dim)
+        return adapt(lora, "wo", self.wo(y)[0], y)
 
 
 class MLP(nn.Module):
@@ -189,13 +208,14 @@ class MLP(nn.Module):
         self.w_down = RowParallelLinear(hidden, cfg.d_model, config=mp, init_method=normal_init(out_std), bias=False,
                                         input_is_parallel=True, skip_bias_add=False, tp_group=tp_group())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = to_tp(x)
+    def forward(self, x: torch.Tensor, lora: LoRA | None = None) -> torch.Tensor:
+        x_tp = to_tp(x)
+        up = adapt(lora, "w_up", self.w_up(x_tp)[0], x)  # column-parallel adapters read the replicated input
         if self.kind == "swiglu":
-            h = F.silu(self.w_gate(x)[0]) * self.w_up(x)[0]
+            h = F.silu(adapt(lora, "w_gate", self.w_gate(x_tp)[0], x)) * up
         else:
-            h = F.relu(self.w_up(x)[0]).square()
-        return self.w_down(h)[0]
+            h = F.relu(up).square()
+        return adapt(lora, "w_down", self.w_down(h)[0], h)
 
 
 # --- the layer --------------------------------------------------------------------------------------------
@@ -208,8 +228,9 @@ class Layer(nn.Module):
 
     (n1 attn_norm, n2 attn_out_norm, n3 mlp_norm, n4 mlp_out_norm.)
 
-    Optional inputs from the loop: `query` (queries read n1(query) instead of n1(x): FLT) and `recall` (the
-    input embedding added to the stream before the layer, before the MLP, or both: internal recall).
+    Optional inputs from the loop: `query` (queries read n1(query) instead of n1(x): FLT), `recall` (the
+    input embedding added to the stream before the layer, before the MLP, or both: internal recall) and `lora`
+    (this loop's adapter deltas by projection name, core layers only: `lora.LayerLoRA.at(loop)`).
     """
 
     def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, *, norm: str, affine: bool, out_std: float,
@@ -226,17 +247,17 @@ class Layer(nn.Module):
         self.mlp_out_norm = RMSNorm(d, affine, dtype) if sandwich else None
 
     def forward(self, x: torch.Tensor, rope, *, mask: torch.Tensor | None = None, query: torch.Tensor | None = None,
-                recall: torch.Tensor | None = None, kv_cache=None) -> torch.Tensor:
+                recall: torch.Tensor | None = None, kv_cache=None, lora: LoRA | None = None) -> torch.Tensor:
         if recall is not None and self.recall_at in ("layer", "sublayer"):
             x = x + recall
         kv_in = self.attn_norm(x)
         q_in = kv_in if query is None else self.attn_norm(query)
-        x = x + self.attn(q_in, kv_in, rope, mask, kv_cache)
+        x = x + self.attn(q_in, kv_in, rope, mask, kv_cache, lora)
         if self.attn_out_norm is not None:
             x = self.attn_out_norm(x)
         if recall is not None and self.recall_at in ("mlp", "sublayer"):
             x = x + recall
-        x = x + self.mlp(self.mlp_norm(x))
+        x = x + self.mlp(self.mlp_norm(x), lora)
         if self.mlp_out_norm is not None:
             x = self.mlp_out_norm(x)
         return x

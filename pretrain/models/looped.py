@@ -16,6 +16,10 @@
   a second copy of the logits.
 - truncated backprop: only the last `backprop_loops` loops build a graph (0 = all); earlier loops run under
   no_grad, and the state they hand on is a constant.
+- depths (training, `loop.per_sequence`): a [B] tensor of per-sequence loop counts (`loops` is then ignored).
+  The batch runs max(depths) loops; sequence b's state stops changing after its own loop d_b, its loss is taken
+  on that final state (loss_on must be last), and truncated backprop counts from its own last loop (its last
+  min(backprop_loops, d_b) loops carry gradient); see `_PerSequence`. Not with a KV cache or early exit.
 - activation checkpointing ("loop" or "layer", set at build): non-reentrant torch.utils.checkpoint around each
   grad-carrying loop iteration or each layer, so activation memory does not grow with the loop count; with
   several loss-feeding loops each loss head (coda + head + cross-entropy) is checkpointed too.
@@ -47,6 +51,7 @@ from pretrain.models.diagnostics import EarlyExit, LoopDiagnostics, Recorder
 from pretrain.models.generate import KVCache, generate
 from pretrain.models.injection import Concat, Injection, Parcae, init_state
 from pretrain.models.layers import HeadNorm, Layer, RMSNorm, normal_init, parallel_config, rotary_tables, tp_group
+from pretrain.models.lora import LoopLoRA, build_loop_lora, lora_parameter_count
 
 
 @dataclass
@@ -66,6 +71,33 @@ class _Context:
     mask: torch.Tensor | None
     cache: KVCache | None
     loops: int
+
+
+class _PerSequence:
+    """Per-sequence depth in one forward. Sequence b runs its own loops 1..d_b at batch loops 1..d_b (so a loop-
+    index-dependent block sees each sequence's own index), then keeps its state unchanged while the batch runs on
+    to max(d): the new state is taken only where t < d_b (torch.where), so nothing computed in a frozen loop
+    reaches it, forward or backward. Truncated backprop counts from each sequence's own last loop: with
+    backprop_loops = k > 0, sequence b's gradient window is its loops d_b - min(k, d_b) + 1 .. d_b; a loop before
+    the window hands on a detached state. The batch builds a graph from the earliest window start on."""
+
+    def __init__(self, depths: torch.Tensor, k: int, batch: int, device: torch.device):
+        host = depths.detach().to("cpu", torch.long)
+        if host.shape != (batch,) or int(host.min()) < 1:
+            raise ValueError(f"depths must be [{batch}] loop counts >= 1, got {tuple(host.shape)} {host.tolist()}")
+        start = host - host.clamp(max=k) if k > 0 else torch.zeros_like(host)  # 0-based first loop with gradient
+        self.loops, self._min_depth, self._min_start = int(host.max()), int(host.min()), int(start.min())
+        self._max_start = int(start.max())
+        self.backprop = self.loops - self._min_start
+        self.depths, self.start = host.to(device)[:, None, None], start.to(device)[:, None, None]
+
+    def step(self, t: int, h: torch.Tensor | None, h_next: torch.Tensor) -> torch.Tensor:
+        """The batch state after 0-based loop t, given the state before it and the block's output."""
+        if h_next.requires_grad and t < self._max_start:  # some sequences are still before their window
+            h_next = torch.where(t >= self.start, h_next, h_next.detach())
+        if t >= self._min_depth:  # some sequences are done: they keep their state
+            h_next = torch.where(t < self.depths, h_next, h)
+        return h_next
 
 
 class LoopedLM(nn.Module):
@@ -100,15 +132,26 @@ class LoopedLM(nn.Module):
         self._noise_seed = int(torch.randint(0, 2**62, ()).item())
         self._noise_gen: torch.Generator | None = None
         self._eval_noise = torch.empty(0, d)
+        # per-loop LoRA on the core (lora.py), created last: its A draws leave every other initial weight and the
+        # noise seed as they are without it, so at init (B = 0) the model is the shared one exactly
+        self.loop_lora = build_loop_lora(cfg, loop_cfg, dtype)
 
     # --- the forward pass -------------------------------------------------------------------------------------
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None, *, loops: int | None = None,
                 backprop_loops: int | None = None, diagnostics: bool = False, doc_ids: torch.Tensor | None = None,
                 exit_epsilon: float | None = None, loss_on: str | None = None, return_logits: bool = False,
-                cache: KVCache | None = None) -> LoopedOutput:
+                cache: KVCache | None = None, depths: torch.Tensor | None = None) -> LoopedOutput:
         n = loops or self.cfg.loops
         k = self.loop_cfg.backprop_loops if backprop_loops is None else backprop_loops
+        per_seq = None
+        if depths is not None:  # per-sequence depth (training): n = max(depths), k = loops with any gradient
+            if cache is not None or exit_epsilon is not None:
+                raise ValueError("per-sequence depths are a training path: not with a KV cache or early exit")
+            if (loss_on or self.loop_cfg.loss_on) != "last":
+                raise ValueError("per-sequence depths need loss_on = last (each sequence's loss is on its final state)")
+            per_seq = _PerSequence(depths, k, tokens.shape[0], tokens.device)
+            n, k = per_seq.loops, per_seq.backprop
         k = n if k <= 0 else min(k, n)
         if cache is not None and (cache.loops != n or exit_epsilon is not None or doc_ids is not None):
             raise ValueError(f"a KV cache allocated for {cache.loops} loops serves exactly that loop count, "
@@ -125,6 +168,8 @@ class LoopedLM(nn.Module):
         for t in range(n):
             with torch.set_grad_enabled(grad_on and t >= n - k):  # truncated backprop: early loops build no graph
                 h_next, pre_norm = self._loop(t, h, e, ctx)
+            if per_seq is not None:
+                h_next = per_seq.step(t, h, h_next)
             if recorder is not None:
                 recorder.record(t, h, h_next, pre_norm)
             if early_exit is not None:
@@ -159,7 +204,8 @@ class LoopedLM(nn.Module):
         for i, layer in enumerate(self.core):
             x, query = self.injection.at_layer(i, x, h)
             slot = len(self.prelude) + t * len(self.core) + i
-            x = self._layer(layer, x, ctx, slot, query=query, recall=recall)
+            lora = self.loop_lora[i].at(t) if self.loop_lora is not None else None
+            x = self._layer(layer, x, ctx, slot, query=query, recall=recall, lora=lora)
         return (self.outer_norm(x) if self.outer_norm is not None else x), x
 
     def _layer(self, layer: Layer, x: torch.Tensor, ctx: _Context, slot: int, checkpointed: bool = True, **kw):
@@ -298,8 +344,8 @@ def build_model(model_cfg: ModelConfig, loop_cfg: LoopConfig, vocab_size: int, *
 
 def param_roles(model: LoopedLM) -> dict[str, str]:
     """Each parameter's optimizer role: matrix (2-D block matrices: Muon-eligible, decayed), embedding, head,
-    norm, injection (Parcae / adapter parameters: AdamW, no decay), bias. TP-sharded parameters carry megatron's
-    `tensor_model_parallel` / `partition_dim` attributes."""
+    norm, injection (Parcae / adapter parameters: AdamW, no decay), lora (per-loop LoRA banks: AdamW, no decay),
+    bias. TP-sharded parameters carry megatron's `tensor_model_parallel` / `partition_dim` attributes."""
     roles = {}
     for mod_name, mod in model.named_modules():
         for p_name, p in mod.named_parameters(recurse=False):
@@ -310,6 +356,8 @@ def param_roles(model: LoopedLM) -> dict[str, str]:
                 role = "embedding"
             elif mod is model.lm_head:
                 role = "head"
+            elif isinstance(mod, LoopLoRA):
+                role = "lora"
             elif isinstance(mod, (Injection, Concat, Parcae)):
                 role = "injection"
             elif p_name == "bias":
@@ -322,8 +370,9 @@ def param_roles(model: LoopedLM) -> dict[str, str]:
     return roles
 
 
-def count_parameters(model_cfg: ModelConfig, vocab_size: int) -> int:
-    """Parameters of the model (padded vocabulary included); independent of the loop count and of TP."""
+def count_parameters(model_cfg: ModelConfig, vocab_size: int, loop_cfg: LoopConfig | None = None) -> int:
+    """Parameters of the model (padded vocabulary included); independent of TP, and of the loop count except for
+    the per-loop LoRA bank (`config.lora_bank`, from `loop_cfg`; default: a fixed depth of model.loops)."""
     sw, d = resolve_switches(model_cfg), model_cfg.d_model
     vocab = padded_vocab(model_cfg.vocab_size or vocab_size)
     hd, n_kv = d // model_cfg.n_heads, model_cfg.n_kv_heads or model_cfg.n_heads
@@ -336,7 +385,8 @@ def count_parameters(model_cfg: ModelConfig, vocab_size: int) -> int:
     inject = {"concat": 2 * d * d, "parcae": d * d + 3 * d}.get(sw.injection, 0)
     inject += affine * (sw.entry_norm + (model_cfg.n_core if sw.state_inject == "stream_all" else 0))
     head = 0 if model_cfg.tie_embeddings else vocab * d
-    return vocab * d + n_layers * layer + inject + affine * (1 + sw.outer_norm) + head
+    lora = lora_parameter_count(model_cfg, loop_cfg or LoopConfig())
+    return vocab * d + n_layers * layer + inject + affine * (1 + sw.outer_norm) + head + lora
 
 
 __all__ = ["LoopedLM", "LoopedOutput", "LoopDiagnostics", "build_model", "param_roles", "count_parameters"]

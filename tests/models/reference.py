@@ -31,16 +31,17 @@ class Reference:
         self.W, self.cfg, self.vocab = W, cfg, vocab
         self.hd = cfg.d_model // cfg.n_heads
         self.n_kv = cfg.n_kv_heads or cfg.n_heads
+        self.t = 0  # current loop index (per-loop LoRA)
 
     def w(self, name):
         return self.W.get(name)
 
     def attn(self, p, xq, xkv):
         B, T, _ = xq.shape
-        W, hd, H, Hkv = self.W, self.hd, self.cfg.n_heads, self.n_kv
-        q = (xq @ W[p + "wq.weight"].T).view(B, T, H, hd).transpose(1, 2)
-        k = (xkv @ W[p + "wk.weight"].T).view(B, T, Hkv, hd).transpose(1, 2)
-        v = (xkv @ W[p + "wv.weight"].T).view(B, T, Hkv, hd).transpose(1, 2)
+        hd, H, Hkv = self.hd, self.cfg.n_heads, self.n_kv
+        q = self.proj(p, "wq", xq).view(B, T, H, hd).transpose(1, 2)
+        k = self.proj(p, "wk", xkv).view(B, T, Hkv, hd).transpose(1, 2)
+        v = self.proj(p, "wv", xkv).view(B, T, Hkv, hd).transpose(1, 2)
         if self.cfg.qk_norm:
             qw, kw = self.w(p + "q_norm.weight"), self.w(p + "k_norm.weight")
             q = rms(q, None if qw is None else qw[:, None, :])
@@ -50,16 +51,28 @@ class Reference:
         scores = q @ k.transpose(-1, -2) / math.sqrt(hd)
         scores = scores.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
         y = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, H * hd)
-        return y @ W[p + "wo.weight"].T
+        return self.proj(p, "wo", y)
 
     def mlp(self, p, x):
-        W = self.W
         if self.cfg.mlp == "swiglu":
-            g = x @ W[p + "w_gate.weight"].T
-            h = g * torch.sigmoid(g) * (x @ W[p + "w_up.weight"].T)
+            g = self.proj(p, "w_gate", x)
+            h = g * torch.sigmoid(g) * self.proj(p, "w_up", x)
         else:
-            h = torch.relu(x @ W[p + "w_up.weight"].T) ** 2
-        return h @ W[p + "w_down.weight"].T
+            h = torch.relu(self.proj(p, "w_up", x)) ** 2
+        return self.proj(p, "w_down", h)
+
+    def proj(self, p, name, x):
+        """x W^T, plus the per-loop LoRA delta (alpha / r) (x A_t^T) B_t^T in core layers when the weights hold
+        adapters `loop_lora.<layer>.<name>.A/B` (banks [N, r, in], [N, out, r]); loop t uses min(t, N - 1)."""
+        y = x @ self.W[p + name + ".weight"].T
+        layer = p.split(".")[1] if p.startswith("core.") else None
+        A = self.W.get(f"loop_lora.{layer}.{name}.A")
+        if A is None:
+            return y
+        B, t = self.W[f"loop_lora.{layer}.{name}.B"], min(self.t, A.shape[0] - 1)
+        r = A.shape[1]
+        alpha = self.cfg.loop_lora_alpha if self.cfg.loop_lora_alpha is not None else r
+        return y + (alpha / r) * (x @ A[t].T) @ B[t].T
 
     def layer(self, p, x, *, q_src=None, sandwich=False, recall=None):
         if recall is not None:
@@ -104,8 +117,15 @@ class Reference:
             z = cfg.logit_softcap * torch.tanh(z / cfg.logit_softcap)
         return z[..., : self.vocab]
 
+    def logits_per_sequence(self, tokens, variant: str, depths, backprop_loops: int = 0):
+        """Per-sequence depth, by definition: every sequence run alone at its own loop count d (its last
+        min(backprop_loops, d) loops with gradient), the logits stacked back into [B, T, vocab]."""
+        return torch.cat([self.logits(tokens[b:b + 1], variant, int(d), backprop_loops)
+                          for b, d in enumerate(depths)])
+
     def loop(self, variant, t, h, e, sandwich):
         """One loop, straight from the design note's equations."""
+        self.t = t  # the loop index that selects the per-loop LoRA adapters (proj)
         n, W = self.cfg.n_core, self.W
         first = h is None
         if variant == "looped":  # h_0 = e, h_t = B(h)

@@ -104,3 +104,23 @@ def test_leftovers_of_a_killed_run_do_not_leak_into_the_next(smoke_data, tmp_pat
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3] and 9.0 not in losses(run).values()
     assert not list((run / "checkpoints").glob(".latest.tmp*"))
+
+
+def test_a_refusal_on_one_rank_stops_every_rank(smoke_data, tmp_path):
+    """Only rank 1 reads its trainer state: when that file is refused, rank 0 must not go on into training (it
+    would wait in a collective until torchrun kills it); both ranks stop with the same one line."""
+    import hashlib
+
+    run = tmp_path / "ranks"
+    flags = smoke_data + QUICK + ["train.steps=2", "checkpoint.every=2"]
+    run_train(2, run, flags)
+    ckpt = run / "checkpoints" / "2"
+    victim = ckpt / "trainer_state_rank1.pt"
+    victim.write_bytes(b"\0" * victim.stat().st_size)
+    meta = json.loads((ckpt / "COMPLETE").read_text())  # as an attacker or a careless copy would leave it
+    meta["sha256"]["trainer_state_rank1.pt"] = hashlib.sha256(victim.read_bytes()).hexdigest()
+    (ckpt / "COMPLETE").write_text(json.dumps(meta))
+    out = run_train(2, run, flags + ["train.steps=4"], "--resume", str(ckpt), expect=1, timeout=120)
+    lines = [ln for ln in out.stderr.splitlines() if ln.startswith("loopstack: error:")]
+    assert len(lines) == 2 and len(set(lines)) == 1 and f"{victim}: unreadable checkpoint file" in lines[0], \
+        out.stderr[-3000:]
