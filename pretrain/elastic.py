@@ -52,7 +52,7 @@ def file_name(tp_rank: int, part: int, parts: int) -> str:
     return f"elastic_state_tp{tp_rank}_part{part}of{parts}.pt"
 
 
-def _parts_glob(tp_rank: int) -> str:
+def parts_glob(tp_rank: int) -> str:
     return f"elastic_state_tp{tp_rank}_part*of*.pt"
 
 
@@ -124,9 +124,9 @@ def save_full_state(engine, directory: Path, tp_rank: int, dp_rank: int, dp: int
 def read_whole_state(directory: Path, tp_rank: int) -> dict:
     """TP rank `tp_rank`'s whole-tensor state, {"params": {name: {"fp32", moments...}}, "steps": {...}},
     merged from every part (memory-mapped: a TP change reads every TP rank's parts, only what it needs)."""
-    found = sorted(directory.glob(_parts_glob(tp_rank)))
+    found = sorted(directory.glob(parts_glob(tp_rank)))
     if not found:
-        raise UserError(f"{directory}: no {_parts_glob(tp_rank)} (saved with checkpoint.elastic: "
+        raise UserError(f"{directory}: no {parts_glob(tp_rank)} (saved with checkpoint.elastic: "
                         f"false?); this checkpoint cannot resume on another data-parallel size, tensor-parallel "
                         f"size or stage")
     parts = int(found[0].stem.rsplit("of", 1)[1])
@@ -141,24 +141,26 @@ def read_whole_state(directory: Path, tp_rank: int) -> dict:
     return merged
 
 
-def _tp_split_dims(engine) -> dict[str, int | None]:
+def _tp_split_dims(module: torch.nn.Module) -> dict[str, int | None]:
     """Each parameter's megatron split dim (None = replicated on every TP rank). Every loopstack parameter
     carries `tensor_model_parallel` / `partition_dim`, at any TP size, and its shards are plain chunks."""
     return {n: int(p.partition_dim) if getattr(p, "tensor_model_parallel", False) else None
-            for n, p in engine.module.named_parameters()}
+            for n, p in module.named_parameters()}
 
 
-def read_saved_state(engine, directory: Path, tp_rank: int, saved_tp: int, tp: int) -> dict:
+def read_saved_state(module: torch.nn.Module, directory: Path, tp_rank: int, saved_tp: int, tp: int,
+                     keys: tuple[str, ...] | None = None) -> dict:
     """The saved whole tensors for TP rank `tp_rank` of `tp`, from a checkpoint of `saved_tp` TP ranks: each
-    sharded tensor is rebuilt from every old TP rank's file and split again."""
+    sharded tensor is rebuilt from every old TP rank's file and split again. `module`: the model being loaded
+    (its parameters' megatron split dims); `keys`: only these entries ("fp32", moments; default all)."""
     files = [read_whole_state(directory, r) for r in range(saved_tp)]
-    dims = _tp_split_dims(engine)
+    dims = _tp_split_dims(module)
     params = {}
     for name, entry in files[0]["params"].items():
         dim = dims.get(name)
         params[name] = {key: value if dim is None else
                         torch.cat([f["params"][name][key] for f in files], dim).chunk(tp, dim)[tp_rank].clone()
-                        for key, value in entry.items()}
+                        for key, value in entry.items() if keys is None or key in keys}
     return {"params": params, "steps": files[0]["steps"]}
 
 
@@ -171,11 +173,11 @@ def load_full_state(engine, directory: Path, tp_rank: int, saved_tp: int | None 
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
     from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
 
-    path = directory / _parts_glob(tp_rank)  # names the files in errors
+    path = directory / parts_glob(tp_rank)  # names the files in errors
     if saved_tp is None or saved_tp == tp:
         saved = read_whole_state(directory, tp_rank)
     else:
-        saved = read_saved_state(engine, directory, tp_rank, saved_tp, tp)
+        saved = read_saved_state(engine.module, directory, tp_rank, saved_tp, tp)
     layout = _layout(engine)
     names = _names(engine)
     missing = sorted(set(names.values()) - set(saved["params"]))

@@ -8,6 +8,9 @@ Exit codes: 0 finished; 75 (EXIT_REQUEUE) stopped by SIGUSR1/SIGTERM after writi
 2 user error (also: another trainer holds the run directory); 3 (EXIT_DIVERGED) the run diverged; 74
 (EXIT_NO_SPACE) no space for a checkpoint. Run directory: LOCK (while a trainer runs), config.yaml,
 metrics.jsonl, checkpoints/<step>/, checkpoints/latest, eval/.
+
+`loopstack eval` (`evaluate_run`) needs no engine: the model is built as here and its weights are read from the
+checkpoint by `pretrain.weights`; it writes eval/ and plots/ only.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from loopstack.fileio import remove_stale_temps
 from loopstack.runlock import RunLock
 from loopstack.typed_config import to_dict
 from pretrain import checkpoint as ckpt
-from pretrain.config import RunConfig, config_diff, save_config
+from pretrain.config import RunConfig, save_config
 from pretrain.distributed import (
     DistEnv,
     capture_rng_state,
@@ -38,6 +41,7 @@ from pretrain.distributed import (
 from pretrain.elastic import load_full_state, save_full_state
 from pretrain.guards import DivergenceMonitor, LossGuard
 from pretrain.metrics import MetricsLogger, Throughput, device_peak_flops
+from pretrain.weights import check_fits, global_param_shapes
 
 
 @dataclass
@@ -119,8 +123,7 @@ def hold_run_dir(run_dir: Path, env: DistEnv) -> RunLock | None:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, run_dir: Path, env: DistEnv, *, evaluating: bool = False):
-        """`evaluating`: for `loopstack eval`, which reads a run and writes only eval/ and plots/ (no wandb run)."""
+    def __init__(self, cfg: RunConfig, run_dir: Path, env: DistEnv):
         self.cfg, self.run_dir, self.env = cfg, run_dir, env
         self.state = TrainState()
         self.tokens_per_step = cfg.train.micro_batch * cfg.train.grad_accum * env.dp * cfg.data.seq_len
@@ -133,7 +136,7 @@ class Trainer:
                                             cfg.train.diverge_patience, cfg.train.max_rollbacks)
         self.log = MetricsLogger(run_dir, to_dict(cfg), enabled=env.is_main, total_steps=cfg.train.steps,
                                  console=cfg.logging.console,
-                                 wandb_mode="disabled" if evaluating else cfg.logging.wandb,
+                                 wandb_mode=cfg.logging.wandb,
                                  wandb_project=cfg.logging.wandb_project, run_name=cfg.name)
 
     # --- setup -------------------------------------------------------------------------------------
@@ -153,24 +156,14 @@ class Trainer:
 
     def eval_data(self):
         """A fresh eval stream from its start, so every eval sees the same sequences."""
-        from data_pipeline.loader import PackedDataset
-
-        cfg = self.cfg
-        dirs, split = (cfg.data.eval, "train") if cfg.data.eval else (self.train_dirs, "eval")
-        return PackedDataset(dirs, cfg.data.seq_len, micro_batch=cfg.train.micro_batch, dp_rank=self.env.dp_rank,
-                             dp_size=self.env.dp, seed=cfg.seed, split=split,
-                             eval_fraction=0.0 if cfg.data.eval else cfg.data.eval_fraction,
-                             tokenizer_sha256=self.tokenizer.sha256, document_masking=cfg.data.document_masking)
+        return eval_data(self.cfg, self.env, self.tokenizer.sha256)
 
     def _setup_model(self) -> None:
         from pretrain.engine import build_engine
         from pretrain.models import build_model, param_roles
 
         cfg = self.cfg
-        self.vocab_size = cfg.model.vocab_size or self.tokenizer.vocab_size
-        if self.vocab_size < self.tokenizer.vocab_size:
-            raise UserError(f"model.vocab_size = {self.vocab_size} is smaller than the tokenizer's "
-                            f"{self.tokenizer.vocab_size} ({cfg.tokenizer.dir})")
+        self.vocab_size = vocab_size(cfg, self.tokenizer)
         torch.manual_seed(cfg.seed)  # identical init on every rank (megatron splits the master weights)
         model = build_model(cfg.model, cfg.loop, self.vocab_size,
                             activation_checkpointing=cfg.parallel.activation_checkpointing)
@@ -214,19 +207,9 @@ class Trainer:
 
     def _restore(self, info: ckpt.CheckpointInfo, *, rollback: bool = False) -> None:
         meta = info.meta
-        if meta.get("tokenizer_sha256") not in (None, self.tokenizer.sha256):
-            raise UserError(f"{info.path}: written with tokenizer {meta['tokenizer_sha256'][:12]}, this run uses "
-                            f"{self.tokenizer.sha256[:12]} ({self.cfg.tokenizer.dir})")
         saved_cfg = meta.get("config", {})
-        differs = config_diff(saved_cfg, to_dict(self.cfg)) if saved_cfg else []
-        saved_shapes = meta.get("param_shapes")
-        if saved_shapes is not None:
-            shapes = global_param_shapes(self.engine.module, self.env.tp)
-            if shapes != saved_shapes:
-                model_diff = [d for d in differs if d.startswith("model.")] or [_first_shape_diff(saved_shapes, shapes)]
-                raise UserError(f"{info.path}: this checkpoint's model does not fit the run's config: "
-                                f"{'; '.join(model_diff)} (checkpoint -> now; the checkpoint's config is in its "
-                                f"{ckpt.COMPLETE}); resume with the checkpoint's settings, or start a new --run-dir")
+        differs = check_fits(info, self.engine.module, self.env.tp, to_dict(self.cfg), self.tokenizer.sha256,
+                             self.cfg.tokenizer.dir)
         stage, tp, dp = self.cfg.parallel.zero_stage, self.env.tp, self.env.dp
         saved_stage = saved_cfg.get("parallel", {}).get("zero_stage", stage)
         saved_tp, saved_dp = meta.get("tp", tp), meta.get("dp", dp)
@@ -432,35 +415,42 @@ class Trainer:
                          f"skipped")
 
     def evaluate(self) -> dict[int, float]:
-        from pretrain.evaluate import loss_vs_loops, write_eval
-
-        loops = self.cfg.eval.loops or sorted({1, self.cfg.model.loops, 2 * self.cfg.model.loops})
-        result = loss_vs_loops(self.engine.module, self.eval_data, loops, self.cfg.eval.batches, self.env.device,
-                               _dp_group())
-        if self.env.is_main:
-            path = write_eval(self.run_dir, self.state.step, result)
-            table = "  ".join(f"loops={k}: {v:.4f}" for k, v in result.items())
-            self.log.message(f"eval step {self.state.step}: {table}  ({path})")
-        return result
+        return evaluate_model(self.engine.module, self.cfg, self.env, self.eval_data, self.run_dir, self.state.step,
+                              self.log.message)
 
 
-def global_param_shapes(module: torch.nn.Module, tp: int) -> dict[str, list[int]]:
-    """Each parameter's whole shape, the same at any TP size or ZeRO stage (ZeRO-3 keeps it in `ds_shape`;
-    megatron marks TP-split parameters with `partition_dim`)."""
-    shapes = {}
-    for name, p in module.named_parameters():
-        shape = list(getattr(p, "ds_shape", p.shape))
-        if getattr(p, "tensor_model_parallel", False):
-            shape[p.partition_dim] *= tp
-        shapes[name] = shape
-    return shapes
+def vocab_size(cfg: RunConfig, tokenizer) -> int:
+    """The model's vocabulary: model.vocab_size, else the tokenizer's (never smaller than the tokenizer's)."""
+    size = cfg.model.vocab_size or tokenizer.vocab_size
+    if size < tokenizer.vocab_size:
+        raise UserError(f"model.vocab_size = {size} is smaller than the tokenizer's {tokenizer.vocab_size} "
+                        f"({cfg.tokenizer.dir})")
+    return size
 
 
-def _first_shape_diff(saved: dict[str, list[int]], now: dict[str, list[int]]) -> str:
-    for name in sorted(set(saved) | set(now)):
-        if saved.get(name) != now.get(name):
-            return f"parameter {name}: {saved.get(name, 'absent')} -> {now.get(name, 'absent')}"
-    return "parameters differ"
+def eval_data(cfg: RunConfig, env: DistEnv, tokenizer_sha256: str):
+    """A fresh eval stream from its start (this DP rank's share), so every eval sees the same sequences."""
+    from data_pipeline.loader import PackedDataset
+
+    dirs, split = (cfg.data.eval, "train") if cfg.data.eval else (cfg.data.train or [cfg.data.out], "eval")
+    return PackedDataset(dirs, cfg.data.seq_len, micro_batch=cfg.train.micro_batch, dp_rank=env.dp_rank,
+                         dp_size=env.dp, seed=cfg.seed, split=split,
+                         eval_fraction=0.0 if cfg.data.eval else cfg.data.eval_fraction,
+                         tokenizer_sha256=tokenizer_sha256, document_masking=cfg.data.document_masking)
+
+
+def evaluate_model(module: torch.nn.Module, cfg: RunConfig, env: DistEnv, make_data, run_dir: Path, step: int,
+                   message) -> dict[int, float]:
+    """Loss vs loop count of `module` on the eval stream (averaged over DP ranks); rank 0 writes eval/."""
+    from pretrain.evaluate import loss_vs_loops, write_eval
+
+    loops = cfg.eval.loops or sorted({1, cfg.model.loops, 2 * cfg.model.loops})
+    result = loss_vs_loops(module, make_data, loops, cfg.eval.batches, env.device, _dp_group())
+    if env.is_main:
+        path = write_eval(run_dir, step, result)
+        table = "  ".join(f"loops={k}: {v:.4f}" for k, v in result.items())
+        message(f"eval step {step}: {table}  ({path})")
+    return result
 
 
 def _dp_group():
@@ -477,20 +467,45 @@ def _memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-
 def evaluate_run(cfg: RunConfig, run_dir: Path, checkpoint: str = "auto") -> int:
-    """`loopstack eval`: load a run's checkpoint, measure loss vs loops, write eval/ and the plots."""
+    """`loopstack eval`: load a run's checkpoint, measure loss vs loops, write eval/ and the plots.
+
+    No DeepSpeed engine, optimizer or wandb: the model is built as the trainer builds it and filled by
+    `pretrain.weights.load_model_weights` (in the run's dtype); nothing of the run but eval/ and plots/ is
+    written. Under torchrun each TP rank loads its shards and DP ranks average, as in training."""
+    from data_pipeline.tokenizer import load_tokenizer
+    from pretrain.models import build_model
     from pretrain.plots import plot_run
+    from pretrain.weights import load_model_weights
 
     prepare_data(cfg)
     env = init_distributed(tp=cfg.parallel.tp, seed=cfg.seed)
+    say = print if env.is_main else (lambda text: None)
     try:
-        trainer = Trainer(cfg, run_dir, env, evaluating=True)
-        info = ckpt.find_resume(run_dir, checkpoint, warn=trainer.log.message)
+        tokenizer = load_tokenizer(cfg.tokenizer.dir)
+        vocab = vocab_size(cfg, tokenizer)
+        torch.manual_seed(cfg.seed)  # as the trainer builds it (the h_0 noise seed comes from the checkpoint)
+        model = build_model(cfg.model, cfg.loop, vocab, activation_checkpointing=cfg.parallel.activation_checkpointing,
+                            device=env.device)
+        info = ckpt.find_resume(run_dir, checkpoint, warn=say)  # collective: every rank hashes a share
         if info is None:
             raise UserError(f"{run_dir}: no complete checkpoint to evaluate")
-        trainer.restore(info)
-        trainer.evaluate()
+        refusal = None
+        try:  # files only this rank reads may be refused: every rank raises the first refusal
+            check_fits(info, model, env.tp, to_dict(cfg), tokenizer.sha256, cfg.tokenizer.dir)
+            load_model_weights(model, info, env.tp_rank, env.tp,
+                               dtype=torch.bfloat16 if cfg.train.dtype == "bf16" else None)
+            noise = ckpt.load_rank_state(info, 0).get("model_noise")  # the same on every rank
+            if noise is not None:
+                model.load_noise_state(noise)
+        except UserError as err:
+            refusal = str(err)
+        everyone: list[str | None] = [None] * env.world_size
+        dist.all_gather_object(everyone, refusal)
+        first = next((r for r in everyone if r), None)
+        if first is not None:
+            raise UserError(first)
+        evaluate_model(model, cfg, env, lambda: eval_data(cfg, env, tokenizer.sha256), run_dir, info.step, say)
         if env.is_main:
             for path in plot_run(run_dir):
                 print(f"plot: {path}")

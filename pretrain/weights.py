@@ -1,0 +1,149 @@
+"""A model's weights from a complete checkpoint, without a DeepSpeed engine, an optimizer or wandb: what
+`loopstack eval` loads (`pretrain.train.evaluate_run`).
+
+    model = build_model(cfg.model, cfg.loop, vocab_size, device=env.device)
+    check_fits(info, model, env.tp, to_dict(cfg), tokenizer.sha256, cfg.tokenizer.dir)   # the trainer's checks
+    source = load_model_weights(model, info, env.tp_rank, env.tp, dtype=torch.bfloat16)  # this TP rank's shards
+
+Where the weights come from, first that applies:
+
+1. DeepSpeed's `mp_rank_<tp_rank>_model_states.pt`, key `module`: the module's state dict exactly as the
+   engine held it (ZeRO 0-2, in the run's dtype), when the checkpoint was saved at this TP size. The weights
+   `loopstack eval` uses are then the very tensors the trainer's own end-of-run eval used.
+2. The whole-tensor state (`elastic_state_tp<r>_part<k>of<n>.pt`, `pretrain.elastic`, ZeRO 1-3 with
+   `checkpoint.elastic: true`): each parameter's fp32 master, re-split along megatron's `partition_dim` when the
+   TP size changed. A bf16 run's parameters are cast to bf16 as DeepSpeed casts its module (parameters only,
+   round to nearest): the low-precision weights a ZeRO 1-3 engine holds are that same cast of its fp32 masters,
+   so eval measures the model the trainer held, not its fp32 masters.
+3. Otherwise (ZeRO-3 with `checkpoint.elastic: false`, whose weights exist only as DeepSpeed's flat optimizer
+   partitions; a TP change without the whole-tensor state) a one-line UserError naming what is missing.
+
+Every file is read with `pretrain.checkpoint.load_file` (weights only; a damaged or unsafe file is one line).
+The parameter names and whole shapes are checked against the checkpoint's record first (`check_fits`, the same
+check and message the trainer's resume gives).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from loopstack.errors import UserError
+from pretrain import checkpoint as ckpt
+from pretrain.config import config_diff
+
+
+def global_param_shapes(module: torch.nn.Module, tp: int) -> dict[str, list[int]]:
+    """Each parameter's whole shape, the same at any TP size or ZeRO stage (ZeRO-3 keeps it in `ds_shape`;
+    megatron marks TP-split parameters with `partition_dim`)."""
+    shapes = {}
+    for name, p in module.named_parameters():
+        shape = list(getattr(p, "ds_shape", p.shape))
+        if getattr(p, "tensor_model_parallel", False):
+            shape[p.partition_dim] *= tp
+        shapes[name] = shape
+    return shapes
+
+
+def _first_shape_diff(saved: dict[str, list[int]], now: dict[str, list[int]]) -> str:
+    for name in sorted(set(saved) | set(now)):
+        if saved.get(name) != now.get(name):
+            return f"parameter {name}: {saved.get(name, 'absent')} -> {now.get(name, 'absent')}"
+    return "parameters differ"
+
+
+def check_fits(info: ckpt.CheckpointInfo, module: torch.nn.Module, tp: int, config: dict, tokenizer_sha256: str,
+               tokenizer_dir: str) -> list[str]:
+    """The checkpoint was written with this tokenizer and for this model (parameter names and whole shapes):
+    else a one-line UserError. Returns the config differences (checkpoint -> now), for later messages."""
+    meta = info.meta
+    if meta.get("tokenizer_sha256") not in (None, tokenizer_sha256):
+        raise UserError(f"{info.path}: written with tokenizer {meta['tokenizer_sha256'][:12]}, this run uses "
+                        f"{tokenizer_sha256[:12]} ({tokenizer_dir})")
+    saved_cfg = meta.get("config", {})
+    differs = config_diff(saved_cfg, config) if saved_cfg else []
+    saved_shapes = meta.get("param_shapes")
+    if saved_shapes is not None:
+        shapes = global_param_shapes(module, tp)
+        if shapes != saved_shapes:
+            model_diff = [d for d in differs if d.startswith("model.")] or [_first_shape_diff(saved_shapes, shapes)]
+            raise UserError(f"{info.path}: this checkpoint's model does not fit the run's config: "
+                            f"{'; '.join(model_diff)} (checkpoint -> now; the checkpoint's config is in its "
+                            f"{ckpt.COMPLETE}); resume with the checkpoint's settings, or start a new --run-dir")
+    return differs
+
+
+def module_file(tp_rank: int) -> str:
+    """DeepSpeed's model-states file of a ZeRO 0-2 checkpoint for TP rank `tp_rank` (ZeRO-3 writes
+    `zero_pp_rank_*_mp_rank_*_model_states.pt`, whose `module` holds empty partitions)."""
+    return f"mp_rank_{tp_rank:02d}_model_states.pt"
+
+
+def weight_source(info: ckpt.CheckpointInfo, tp: int) -> str:
+    """"module" (DeepSpeed's module state dict) or "elastic" (the whole-tensor state), see the module docstring;
+    a one-line UserError when the checkpoint has neither usable here."""
+    from pretrain.elastic import parts_glob
+
+    saved_stage = info.meta.get("config", {}).get("parallel", {}).get("zero_stage")
+    saved_tp = info.meta.get("tp", tp)
+    if saved_stage is not None and saved_stage < 3 and saved_tp == tp and (info.path / module_file(0)).exists():
+        return "module"
+    if any(info.path.glob(parts_glob(0))):
+        return "elastic"
+    if saved_tp != tp:
+        raise UserError(f"{info.path}: saved with parallel.tp = {saved_tp}, evaluating with {tp}: changing the "
+                        f"tensor-parallel size needs the whole-tensor state ({parts_glob(0)}), which this "
+                        f"checkpoint lacks (written with parallel.zero_stage = 0 or checkpoint.elastic: false); "
+                        f"evaluate with --set parallel.tp={saved_tp} on a multiple of {saved_tp} processes")
+    raise UserError(f"{info.path}: no weights `loopstack eval` can read: a ZeRO-3 checkpoint written with "
+                    f"checkpoint.elastic: false keeps them only in DeepSpeed's optimizer partitions "
+                    f"(zero_pp_rank_*_optim_states.pt); evaluate a checkpoint written with checkpoint.elastic: true")
+
+
+def _module_tensors(info: ckpt.CheckpointInfo, tp_rank: int) -> tuple[Path, dict[str, torch.Tensor]]:
+    path = info.path / module_file(tp_rank)
+    if not path.exists():
+        raise UserError(f"{path}: missing (saved with {info.meta.get('tp', '?')} tensor-parallel ranks)")
+    state = ckpt.load_file(path, mmap=True)  # ZeRO-0 also holds the optimizer state: mapped, not read
+    module = state.get("module") if isinstance(state, dict) else None
+    if not isinstance(module, dict):
+        raise UserError(f"{path}: no `module` state dict in it (not a DeepSpeed model-states file)")
+    return path, {k: v for k, v in module.items() if isinstance(v, torch.Tensor)}  # megatron's _extra_state: None
+
+
+def _elastic_tensors(model: torch.nn.Module, info: ckpt.CheckpointInfo, tp_rank: int,
+                     tp: int) -> tuple[Path, dict[str, torch.Tensor]]:
+    from pretrain.elastic import parts_glob, read_saved_state, read_whole_state
+
+    saved_tp = info.meta.get("tp", tp)
+    if saved_tp == tp:
+        saved = read_whole_state(info.path, tp_rank)
+    else:
+        saved = read_saved_state(model, info.path, tp_rank, saved_tp, tp, keys=("fp32",))
+    return info.path / parts_glob(tp_rank), {n: e["fp32"] for n, e in saved["params"].items()}
+
+
+@torch.no_grad()
+def load_model_weights(model: torch.nn.Module, info: ckpt.CheckpointInfo, tp_rank: int, tp: int, *,
+                       dtype: torch.dtype | None = None) -> str:
+    """Fill `model` (built by `build_model` for this TP size; TP rank `tp_rank`) from the complete checkpoint
+    `info`, then cast its parameters to `dtype` (the run's: bf16 runs) as DeepSpeed's engine casts its module.
+    Returns which source was used, "module" or "elastic". Reads files only, no collective."""
+    source = weight_source(info, tp)
+    path, tensors = _module_tensors(info, tp_rank) if source == "module" else \
+        _elastic_tensors(model, info, tp_rank, tp)
+    params = dict(model.named_parameters())
+    missing, unknown = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
+    if missing or unknown:
+        what = f"no saved weights for {missing[:3]}" if missing else f"weights of parameters this model lacks " \
+                                                                     f"{unknown[:3]}"
+        raise UserError(f"{path}: {what}: written by a different model config")
+    for name, p in params.items():
+        saved = tensors[name]
+        if tuple(saved.shape) != tuple(p.shape):
+            raise UserError(f"{path}: {name} has shape {tuple(saved.shape)}, this model's is {tuple(p.shape)}: "
+                            f"written by a different model config")
+        # DeepSpeed's cast for bf16: parameters only (buffers keep their dtype), round to nearest
+        p.data = saved.to(device=p.device, dtype=dtype or p.dtype, copy=True)  # a copy: `saved` may be mapped
+    return source
