@@ -168,8 +168,8 @@ class Switches:
     embed_scale: bool = False
 
 
-# Fully Looped Transformer family (design note section 5): weightless norms, the inter-loop signal is the
-# normalised loop output, logits come from it.
+# Fully Looped Transformer family (docs/models.md, "Recurrences", restart): weightless norms, the inter-loop signal
+# is the normalised loop output, logits come from it.
 _FLT = dict(outer_norm=True, norm_affine=False)
 _RESTART = dict(_FLT, restart=True, entry_norm=True)
 
@@ -186,7 +186,7 @@ RECIPES: dict[str, Switches] = {
     "flt_res": Switches(**_RESTART, state_inject="stream_all"),
     # FLT: stream restarts from norm(e); every layer's queries come from h^(t-1)
     "flt": Switches(**_RESTART, state_inject="query_all"),
-    # recall + outer norm, entry placement (the default placement, see injection.py): h_t = Norm(B(h + e))
+    # recall + outer norm, entry placement (the default placement, see recurrence.py): h_t = Norm(B(h + e))
     "recall": Switches(injection="add", outer_norm=True, state_init="zeros"),
     # internal recall + outer norm: e added to the stream before every core layer
     "recall_internal": Switches(internal_recall="layer", outer_norm=True, state_init="zeros"),

@@ -1,4 +1,5 @@
-"""What the loop records about itself: per-loop health for the logger, and per-sequence early exit."""
+"""What is observed about the loop (it watches the driver, `LoopedLM._loops`): per-loop health for the logger,
+and per-sequence early exit (inference)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,12 @@ class Recorder:
         self.diag = LoopDiagnostics(loops=loops, grad_norm=[0.0] * loops)
         self._norms: list[torch.Tensor] = []
         self._rels: list[torch.Tensor] = []
+
+    def observe(self, steps):
+        """Record every step of the loop driver (`LoopedLM._loops`) as it passes, before any consumer sees it."""
+        for step in steps:
+            self.record(step.t, step.prev, step.state, step.pre_norm)
+            yield step
 
     def record(self, t: int, h: torch.Tensor | None, h_next: torch.Tensor, pre_norm: torch.Tensor) -> None:
         self._norms.append(pre_norm.detach().float().norm(dim=-1).mean())

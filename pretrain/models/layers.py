@@ -4,7 +4,7 @@ attention through torch SDPA, MLPs (SwiGLU, ReLU^2), and the layer that combines
 Tensor parallelism (Megatron style): Q/K/V and MLP up/gate projections are column-parallel (each rank holds
 a slice of the heads / hidden units), output projections are row-parallel (their all-reduce returns a full,
 replicated hidden state). Every rank sees the whole residual stream, so norms, rotary and everything in
-`injection.py` are plain replicated modules. Each sublayer input enters the TP region through one explicit
+`recurrence.py` are plain replicated modules. Each sublayer input enters the TP region through one explicit
 `copy_to_tensor_model_parallel_region` (identity forward, all-reduce of the input gradient backward), shared
 by the projections that read it (one all-reduce for Q, K and V instead of three).
 
@@ -65,16 +65,29 @@ def normal_init(std: float):
     return partial(nn.init.normal_, mean=0.0, std=std)
 
 
-def replicated(p: nn.Parameter) -> nn.Parameter:
-    """Mark a parameter as identical on every TP rank (megatron's default attributes)."""
+def declare_role(p: nn.Parameter | None, role: str) -> nn.Parameter | None:
+    """Declare a parameter's optimizer role where it is created (`pretrain.optim.ROLES`: matrix, embedding, head,
+    norm, injection, lora, bias); `param_roles` reads it, and a parameter without one is an error. None passes
+    through (an absent weight: a weightless norm, a tied head)."""
+    from pretrain.optim import ROLES
+
+    if role not in ROLES:
+        raise ValueError(f"unknown optimizer role {role!r}; the roles are {ROLES} (pretrain.optim.ROLES)")
+    if p is not None:
+        p.optim_role = role
+    return p
+
+
+def replicated(p: nn.Parameter, role: str) -> nn.Parameter:
+    """Mark a parameter as identical on every TP rank (megatron's default attributes), with its optimizer role."""
     set_defaults_if_not_set_tensor_model_parallel_attributes(p)
-    return p
+    return declare_role(p, role)
 
 
-def sharded(p: nn.Parameter, dim: int) -> nn.Parameter:
-    """Mark a parameter as split across TP ranks along `dim` (as megatron's own layers do)."""
+def sharded(p: nn.Parameter, dim: int, role: str) -> nn.Parameter:
+    """Mark a parameter as split across TP ranks along `dim` (as megatron's own layers do), with its role."""
     p.tensor_model_parallel, p.partition_dim, p.partition_stride = True, dim, 1
-    return p
+    return declare_role(p, role)
 
 
 # per-loop LoRA (lora.py): projection name -> the delta of its output on this rank, given the projection's input
@@ -99,7 +112,7 @@ class RMSNorm(nn.Module):
     def __init__(self, dim: int, affine: bool = True, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.dim = dim
-        self.weight = replicated(nn.Parameter(torch.ones(dim, dtype=dtype))) if affine else None
+        self.weight = replicated(nn.Parameter(torch.ones(dim, dtype=dtype)), "norm") if affine else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, (self.dim,), self.weight, NORM_EPS)
@@ -116,7 +129,7 @@ class HeadNorm(nn.Module):
     def __init__(self, n_local_heads: int, head_dim: int, affine: bool, dtype: torch.dtype):
         super().__init__()
         self.head_dim = head_dim
-        self.weight = (sharded(nn.Parameter(torch.ones(n_local_heads, head_dim, dtype=dtype)), 0)
+        self.weight = (sharded(nn.Parameter(torch.ones(n_local_heads, head_dim, dtype=dtype)), 0, "norm")
                        if affine else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, H, T, hd]
@@ -160,6 +173,8 @@ class Attention(nn.Module):
         self.wv = col(d, n_kv * self.head_dim)
         self.wo = RowParallelLinear(cfg.n_heads * self.head_dim, d, config=mp, init_method=normal_init(out_std),
                                     bias=False, input_is_parallel=True, skip_bias_add=False, tp_group=tp_group())
+        for proj in (self.wq, self.wk, self.wv, self.wo):
+            declare_role(proj.weight, "matrix")  # megatron creates them: the role is declared right after
         self.q_norm = HeadNorm(self.n_local, self.head_dim, affine, mp.params_dtype) if cfg.qk_norm else None
         self.k_norm = HeadNorm(self.n_local_kv, self.head_dim, affine, mp.params_dtype) if cfg.qk_norm else None
 
@@ -207,6 +222,9 @@ class MLP(nn.Module):
         self.w_gate = col(cfg.d_model, hidden) if cfg.mlp == "swiglu" else None
         self.w_down = RowParallelLinear(hidden, cfg.d_model, config=mp, init_method=normal_init(out_std), bias=False,
                                         input_is_parallel=True, skip_bias_add=False, tp_group=tp_group())
+        for proj in (self.w_up, self.w_gate, self.w_down):
+            if proj is not None:
+                declare_role(proj.weight, "matrix")
 
     def forward(self, x: torch.Tensor, lora: LoRA | None = None) -> torch.Tensor:
         x_tp = to_tp(x)

@@ -3,8 +3,13 @@
     e = Prelude(E(x))                      # n_prelude ordinary layers
     h = h_0(e)                             # zeros | e | noise (None when every loop restarts from e)
     for t in 1..loops:                     # the same n_core layers every time
-        h = outer_norm(Core(enter(h, e)))  # injection.py says how h and e meet
+        h = outer_norm(Core(enter(h, e)))  # the recurrence (recurrence.py) says how h and e meet
     logits = Head(Norm(Coda(h)))
+
+Structure: `self.injection` is the recurrence (`recurrence.REGISTRY[family]`, built once from the switches; its
+`loop` is one loop). `_loops` is the loop driver: it runs the loops, owns the truncated-backprop window (and
+per-sequence depth) and yields each loop's `Step`. The training forward consumes it for the loss heads;
+diagnostics (`Recorder.observe`) watch it; early exit (`_run_with_exit`) and the KV cache are the inference path.
 
 `LoopedLM.forward(tokens, labels, loops=, backprop_loops=, diagnostics=, doc_ids=, exit_epsilon=)`:
 - loss: mean cross-entropy over the tokens (labels < 0 ignored) of every loss-feeding loop (`loop.loss_on`: the
@@ -30,7 +35,8 @@
   stopped. The loss, if labels are given, is taken on the final states.
 - cache (inference): a `generate.KVCache`; `tokens` are then the next chunk after the cached positions.
 - random h_0 (Huginn, Parcae): fresh truncated-normal noise every call in training mode, from a generator seeded
-  at build (identical on every TP rank; its state is not in the state_dict, so a resumed run draws new noise);
+  at build (identical on every TP rank; not in the state_dict: the trainer saves it per rank with
+  `noise_state()` and restores it, so a resumed run draws what an uninterrupted one would);
   in eval mode a fixed function of position, so evaluation is deterministic and the KV cache exact.
 """
 
@@ -45,13 +51,22 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmb
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from pretrain.models.config import LoopConfig, ModelConfig, Switches, mlp_hidden, padded_vocab, resolve_switches
+from pretrain.models.config import LoopConfig, ModelConfig, Switches, padded_vocab, resolve_switches
 from pretrain.models.depth import loss_loop_indices
 from pretrain.models.diagnostics import EarlyExit, LoopDiagnostics, Recorder
 from pretrain.models.generate import KVCache, generate
-from pretrain.models.injection import Concat, Injection, Parcae, init_state
-from pretrain.models.layers import HeadNorm, Layer, RMSNorm, normal_init, parallel_config, rotary_tables, tp_group
-from pretrain.models.lora import LoopLoRA, build_loop_lora, lora_parameter_count
+from pretrain.models.layers import (
+    Layer,
+    RMSNorm,
+    declare_role,
+    normal_init,
+    parallel_config,
+    rotary_tables,
+    tp_group,
+    tp_world,
+)
+from pretrain.models.lora import build_loop_lora
+from pretrain.models.recurrence import Recurrence, build_recurrence
 
 
 @dataclass
@@ -71,6 +86,17 @@ class _Context:
     mask: torch.Tensor | None
     cache: KVCache | None
     loops: int
+
+
+@dataclass
+class Step:
+    """One loop as the driver yields it: 0-based index t, the state before (`prev`), the state after (`state`,
+    which a consumer may replace: early exit freezes exited sequences) and its value before the outer norm."""
+
+    t: int
+    prev: torch.Tensor | None
+    state: torch.Tensor
+    pre_norm: torch.Tensor
 
 
 class _PerSequence:
@@ -122,19 +148,27 @@ class LoopedLM(nn.Module):
         self.prelude = nn.ModuleList(layer() for _ in range(cfg.n_prelude))
         self.core = nn.ModuleList(layer(recall_at=sw.internal_recall) for _ in range(cfg.n_core))
         self.coda = nn.ModuleList(layer() for _ in range(cfg.n_coda))
-        self.injection = Injection(sw, d, cfg.n_core, cfg.init_std, dtype)
+        # the recurrence (recurrence.py; registered as `injection`: its parameters are named injection.*)
+        self.injection: Recurrence = build_recurrence(sw, d, cfg.n_core, cfg.init_std, dtype)
         self.outer_norm = RMSNorm(d, sw.norm_affine, dtype) if sw.outer_norm else None
+        self.injection.bind_exit(self.outer_norm)
         self.norm = RMSNorm(d, sw.norm_affine, dtype)
         self.lm_head = ColumnParallelLinear(d, padded_vocab(vocab_size), config=mp, bias=False,
                                             init_method=normal_init(cfg.init_std),
                                             skip_weight_param_allocation=cfg.tie_embeddings, tp_group=tp_group())
+        declare_role(self.embed.weight, "embedding")
+        declare_role(self.lm_head.weight, "head")  # None when tied
         # the random initial state has its own generator, seeded from the default RNG (same on every TP rank)
-        self._noise_seed = int(torch.randint(0, 2**62, ()).item())
+        self._noise_seed = int(torch.randint(0, 2**62, (), device="cpu").item())
         self._noise_gen: torch.Generator | None = None
         self._eval_noise = torch.empty(0, d)
         # per-loop LoRA on the core (lora.py), created last: its A draws leave every other initial weight and the
         # noise seed as they are without it, so at init (B = 0) the model is the shared one exactly
         self.loop_lora = build_loop_lora(cfg, loop_cfg, dtype)
+
+    @property
+    def recurrence(self) -> Recurrence:
+        return self.injection
 
     # --- the forward pass -------------------------------------------------------------------------------------
 
@@ -158,36 +192,55 @@ class LoopedLM(nn.Module):
                              "without early exit or document masks")
         ctx = self._context(tokens, doc_ids, cache, n)
         e = self.injection.prepare(self._prelude(tokens, ctx))
-        h = init_state(self.switches, e, self._initial_noise(e, ctx), self.outer_norm)
-
-        loss_loops = range(0) if labels is None or exit_epsilon is not None else self._loss_loops(n, k, loss_on)
+        h = self.injection.init_state(e, self._initial_noise(e, ctx))
+        steps = self._loops(h, e, ctx, n, k, per_seq)
         recorder = Recorder(n) if diagnostics else None
-        early_exit = EarlyExit(exit_epsilon, tokens.shape[0], n, tokens.device) if exit_epsilon is not None else None
-        grad_on, losses = torch.is_grad_enabled(), []
+        if recorder is not None:
+            steps = recorder.observe(steps)
 
-        for t in range(n):
-            with torch.set_grad_enabled(grad_on and t >= n - k):  # truncated backprop: early loops build no graph
-                h_next, pre_norm = self._loop(t, h, e, ctx)
-            if per_seq is not None:
-                h_next = per_seq.step(t, h, h_next)
-            if recorder is not None:
-                recorder.record(t, h, h_next, pre_norm)
-            if early_exit is not None:
-                h_next = early_exit.step(t, h, h_next)
-            h = h_next
-            if t + 1 in loss_loops:
-                losses.append(self._loss_head(h, labels, ctx, checkpointed=len(loss_loops) > 1))
-            if early_exit is not None and early_exit.all_done():
-                break
+        early_exit, losses = None, []
+        if exit_epsilon is not None:  # inference: the loss, if any, on the final states
+            early_exit = EarlyExit(exit_epsilon, tokens.shape[0], n, tokens.device)
+            h = self._run_with_exit(steps, early_exit, h)
+            if labels is not None:
+                losses.append(self._loss_head(h, labels, ctx, checkpointed=False))
+        else:
+            loss_loops = range(0) if labels is None else self._loss_loops(n, k, loss_on)
+            for step in steps:
+                h = step.state
+                if step.t + 1 in loss_loops:
+                    losses.append(self._loss_head(h, labels, ctx, checkpointed=len(loss_loops) > 1))
 
-        if labels is not None and early_exit is not None:
-            losses.append(self._loss_head(h, labels, ctx, checkpointed=False))
         logits = self._logits(h, ctx) if labels is None or return_logits else None
         if cache is not None:
             cache.advance(tokens.shape[1])
         return LoopedOutput(loss=torch.stack(losses).mean() if losses else None, logits=logits,
                             diagnostics=recorder.finish(self.injection.diagnostics()) if recorder else None,
                             exit_loops=early_exit.loops_run if early_exit else None)
+
+    def _loops(self, h: torch.Tensor | None, e: torch.Tensor, ctx: _Context, n: int, k: int,
+               per_seq: _PerSequence | None = None):
+        """The loop driver: n loops from state h, only the last k building a graph (truncated backprop: the
+        state an earlier loop hands on is a constant); yields each loop's `Step`, then continues from
+        `step.state`."""
+        grad_on = torch.is_grad_enabled()
+        for t in range(n):
+            with torch.set_grad_enabled(grad_on and t >= n - k):
+                h_next, pre_norm = self._loop(t, h, e, ctx)
+            if per_seq is not None:
+                h_next = per_seq.step(t, h, h_next)
+            step = Step(t, h, h_next, pre_norm)
+            yield step
+            h = step.state
+
+    @staticmethod
+    def _run_with_exit(steps, early_exit: EarlyExit, h: torch.Tensor | None) -> torch.Tensor:
+        """Early exit (inference): freeze each sequence once its state stops changing; stop when all have."""
+        for step in steps:
+            step.state = h = early_exit.step(step.t, step.prev, step.state)
+            if early_exit.all_done():
+                break
+        return h
 
     def _loop(self, t: int, h: torch.Tensor | None, e: torch.Tensor, ctx: _Context):
         # checkpoints keep only their inputs (the loop state); nothing inside a loop draws random numbers (no
@@ -197,16 +250,15 @@ class LoopedLM(nn.Module):
         return self._iterate(t, h, e, ctx)
 
     def _iterate(self, t: int, h: torch.Tensor | None, e: torch.Tensor, ctx: _Context):
-        """One pass through the core block: loop state in, next loop state out (and its value before the outer
-        norm, for diagnostics)."""
-        x = self.injection.enter(h, e)
-        recall = self.injection.recall(e)
-        for i, layer in enumerate(self.core):
-            x, query = self.injection.at_layer(i, x, h)
-            slot = len(self.prelude) + t * len(self.core) + i
-            lora = self.loop_lora[i].at(t) if self.loop_lora is not None else None
-            x = self._layer(layer, x, ctx, slot, query=query, recall=recall, lora=lora)
-        return (self.outer_norm(x) if self.outer_norm is not None else x), x
+        """One pass through the core block (the recurrence's `loop`): loop state in, next loop state out (and its
+        value before the outer norm, for diagnostics)."""
+        return self.injection.loop(h, e, partial(self._core_layer, t, ctx))
+
+    def _core_layer(self, t: int, ctx: _Context, i: int, x: torch.Tensor, **kw) -> torch.Tensor:
+        """Core layer i in loop t: its KV-cache slot and this loop's LoRA adapters."""
+        slot = len(self.prelude) + t * len(self.core) + i
+        lora = self.loop_lora[i].at(t) if self.loop_lora is not None else None
+        return self._layer(self.core[i], x, ctx, slot, lora=lora, **kw)
 
     def _layer(self, layer: Layer, x: torch.Tensor, ctx: _Context, slot: int, checkpointed: bool = True, **kw):
         kv = ctx.cache.layer(slot) if ctx.cache is not None else None
@@ -277,6 +329,11 @@ class LoopedLM(nn.Module):
             return None
         return torch.arange(first, first + local, device=logits.device) >= self.vocab_size
 
+    def num_parameters(self) -> int:
+        """Parameters of the whole model, any TP: the module tree's, a TP-split parameter counted for every rank."""
+        tp = tp_world()
+        return sum(p.numel() * (tp if getattr(p, "tensor_model_parallel", False) else 1) for p in self.parameters())
+
     def external_parameters(self) -> list[tuple[nn.Module, nn.Parameter]]:
         """(module, parameter) pairs where a module uses a parameter it does not own: the tied head reads the
         embedding matrix. ZeRO-3 must be told, or the head sees the embedding still partitioned."""
@@ -298,10 +355,9 @@ class LoopedLM(nn.Module):
     def _initial_noise(self, e: torch.Tensor, ctx: _Context) -> torch.Tensor | None:
         """Truncated-normal h_0 (random state init). Training: fresh noise every call. Eval: a fixed function
         of position, so evaluation is deterministic and a KV cache reproduces the uncached forward."""
-        sw = self.switches
-        if sw.restart or sw.state_init != "random":
+        if not self.injection.random_start:
             return None
-        std = sw.state_init_std
+        std = self.switches.state_init_std
         if self.training:
             if self._noise_gen is None or self._noise_gen.device != e.device:
                 self._noise_gen = torch.Generator(device=e.device).manual_seed(self._noise_seed)
@@ -343,50 +399,39 @@ def build_model(model_cfg: ModelConfig, loop_cfg: LoopConfig, vocab_size: int, *
 
 
 def param_roles(model: LoopedLM) -> dict[str, str]:
-    """Each parameter's optimizer role: matrix (2-D block matrices: Muon-eligible, decayed), embedding, head,
-    norm, injection (Parcae / adapter parameters: AdamW, no decay), lora (per-loop LoRA banks: AdamW, no decay),
-    bias. TP-sharded parameters carry megatron's `tensor_model_parallel` / `partition_dim` attributes."""
-    roles = {}
-    for mod_name, mod in model.named_modules():
-        for p_name, p in mod.named_parameters(recurse=False):
-            name = f"{mod_name}.{p_name}" if mod_name else p_name
-            if isinstance(mod, (RMSNorm, HeadNorm)):
-                role = "norm"
-            elif mod is model.embed:
-                role = "embedding"
-            elif mod is model.lm_head:
-                role = "head"
-            elif isinstance(mod, LoopLoRA):
-                role = "lora"
-            elif isinstance(mod, (Injection, Concat, Parcae)):
-                role = "injection"
-            elif p_name == "bias":
-                role = "bias"
-            elif p.ndim == 2:
-                role = "matrix"
-            else:
-                raise AssertionError(f"parameter {name} has no optimizer role")
-            roles[name] = role
+    """Each parameter's optimizer role, as declared where it was created (`layers.declare_role`): matrix (2-D
+    block matrices: Muon-eligible, decayed), embedding, head, norm, injection (Parcae / adapter parameters: AdamW,
+    no decay), lora (per-loop LoRA banks: AdamW, no decay), bias. A parameter without a declared role, or with one
+    not in `pretrain.optim.ROLES`, is an error. TP-sharded parameters carry megatron's `tensor_model_parallel` /
+    `partition_dim` attributes."""
+    from pretrain.optim import ROLES
+
+    roles, bad = {}, []
+    for name, p in model.named_parameters():
+        role = getattr(p, "optim_role", None)
+        if role not in ROLES:
+            bad.append(f"{name} ({'no role declared' if role is None else f'unknown role {role!r}'})")
+        roles[name] = role
+    if bad:
+        raise ValueError(f"parameters without a valid optimizer role: {', '.join(bad)}; declare one where the "
+                         f"parameter is created (pretrain.models.layers.declare_role), one of {ROLES}")
     return roles
 
 
 def count_parameters(model_cfg: ModelConfig, vocab_size: int, loop_cfg: LoopConfig | None = None) -> int:
-    """Parameters of the model (padded vocabulary included); independent of TP, and of the loop count except for
-    the per-loop LoRA bank (`config.lora_bank`, from `loop_cfg`; default: a fixed depth of model.loops)."""
-    sw, d = resolve_switches(model_cfg), model_cfg.d_model
-    vocab = padded_vocab(model_cfg.vocab_size or vocab_size)
-    hd, n_kv = d // model_cfg.n_heads, model_cfg.n_kv_heads or model_cfg.n_heads
-    affine = d if sw.norm_affine else 0
-    attn = 2 * d * model_cfg.n_heads * hd + 2 * d * n_kv * hd
-    qk = (model_cfg.n_heads + n_kv) * hd if model_cfg.qk_norm and sw.norm_affine else 0
-    mlp = (3 if model_cfg.mlp == "swiglu" else 2) * d * mlp_hidden(model_cfg)
-    layer = attn + qk + mlp + (4 if sw.norm == "sandwich" else 2) * affine
-    n_layers = model_cfg.n_prelude + model_cfg.n_core + model_cfg.n_coda
-    inject = {"concat": 2 * d * d, "parcae": d * d + 3 * d}.get(sw.injection, 0)
-    inject += affine * (sw.entry_norm + (model_cfg.n_core if sw.state_inject == "stream_all" else 0))
-    head = 0 if model_cfg.tie_embeddings else vocab * d
-    lora = lora_parameter_count(model_cfg, loop_cfg or LoopConfig())
-    return vocab * d + n_layers * layer + inject + affine * (1 + sw.outer_norm) + head + lora
+    """Parameters of the model (padded vocabulary included), counted on its module tree (`LoopedLM.num_parameters`)
+    built on the meta device: nothing is allocated or initialised, and the default RNG is left as it was.
+    Independent of TP, and of the loop count except for the per-loop LoRA bank (`config.lora_bank`, from
+    `loop_cfg`; default: a fixed depth of model.loops). Needs megatron's parallel state (`init_distributed`), as
+    `build_model` does."""
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        raise RuntimeError("count_parameters builds the model's module tree: call init_distributed(tp, seed) first")
+    vocab = model_cfg.vocab_size or vocab_size
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        model = LoopedLM(model_cfg, loop_cfg or LoopConfig(), vocab)
+    return model.num_parameters()
 
 
 __all__ = ["LoopedLM", "LoopedOutput", "LoopDiagnostics", "build_model", "param_roles", "count_parameters"]

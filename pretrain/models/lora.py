@@ -55,11 +55,11 @@ class LoopLoRA(nn.Module):
         a = torch.empty(bank, rank, d_in, dtype=dtype).uniform_(-bound, bound)  # whole bank, from the default RNG
         if row_parallel:
             a = a.chunk(tp, dim=2)[ps.get_tensor_model_parallel_rank()].clone()
-            self.A = sharded(nn.Parameter(a), 2)
-            self.B = replicated(nn.Parameter(torch.zeros(bank, d_out, rank, dtype=dtype)))
+            self.A = sharded(nn.Parameter(a), 2, "lora")
+            self.B = replicated(nn.Parameter(torch.zeros(bank, d_out, rank, dtype=dtype)), "lora")
         else:
-            self.A = replicated(nn.Parameter(a))
-            self.B = sharded(nn.Parameter(torch.zeros(bank, d_out // tp, rank, dtype=dtype)), 1)
+            self.A = replicated(nn.Parameter(a), "lora")
+            self.B = sharded(nn.Parameter(torch.zeros(bank, d_out // tp, rank, dtype=dtype)), 1, "lora")
 
     def forward(self, x: torch.Tensor, loop: int) -> torch.Tensor:
         t = min(loop, self.bank - 1)
@@ -90,8 +90,3 @@ def build_loop_lora(cfg: ModelConfig, loop_cfg: LoopConfig, dtype: torch.dtype) 
                                   dtype=dtype) for name in targets})
         for _ in range(cfg.n_core))
 
-
-def lora_parameter_count(cfg: ModelConfig, loop_cfg: LoopConfig) -> int:
-    """Parameters of the per-loop adapters (whole, any TP): bank x n_core x r (in + out) per adapted projection."""
-    dims = projection_dims(cfg)
-    return cfg.n_core * lora_bank(cfg, loop_cfg) * cfg.loop_lora_rank * sum(sum(dims[t]) for t in lora_targets(cfg))

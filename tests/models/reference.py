@@ -1,5 +1,5 @@
-"""An independent plain-torch reference of the looped variants, written from the equations of the design note
-(looped-models.md), not from the model code: manual RMSNorm, rotary, softmax attention, MLPs.
+"""An independent plain-torch reference of the looped variants, written from the equations of docs/models.md
+("Recurrences"), not from the model code: manual RMSNorm, rotary, softmax attention, MLPs.
 It reads a dict of plain tensors taken from a TP=1 model's parameters (by name) so the outputs must agree.
 """
 
@@ -124,7 +124,7 @@ class Reference:
                           for b, d in enumerate(depths)])
 
     def loop(self, variant, t, h, e, sandwich):
-        """One loop, straight from the design note's equations."""
+        """One loop, straight from the equations of docs/models.md ("Recurrences")."""
         self.t = t  # the loop index that selects the per-loop LoRA adapters (proj)
         n, W = self.cfg.n_core, self.W
         first = h is None

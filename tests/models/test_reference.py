@@ -49,7 +49,7 @@ def rms_head(ref, x, W, cfg):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_variant_matches_design_equations(tp1, variant):
-    """Forward of every recipe at 3 loops equals the design note's equations; with truncated backprop (last 2
+    """Forward of every recipe at 3 loops equals the equations of docs/models.md; with truncated backprop (last 2
     loops) the gradients equal those of the reference with the first loop detached."""
     extra = dict(state_init="zeros") if variant in ("huginn", "parcae") else {}  # reference uses h_0 = 0
     cfg = tiny(variant, init_std=0.3, **extra)  # large weights: at 0.02 every loop is near-identity and
