@@ -34,3 +34,18 @@ def batch(B: int = 2, T: int = 16, vocab: int = VOCAB, seed: int = 0) -> tuple[t
 
 def grads(model) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def tp2_then_tp1(run_tp2, cases, run_tp1=None):
+    """In a 2-process test body: every case at TP=2, then again at TP=1 in the same processes (each rank a whole
+    model). Returns (env, tp2 results, tp1 results)."""
+    from megatron.core import parallel_state as ps
+
+    from pretrain.distributed import init_distributed
+
+    env = init_distributed(tp=2, seed=0)
+    tp2 = [run_tp2(c) for c in cases]
+    ps.destroy_model_parallel()
+    ps.initialize_model_parallel(tensor_model_parallel_size=1, create_gloo_process_groups=False)
+    tp1 = [(run_tp1 or run_tp2)(c) for c in cases]
+    return env, tp2, tp1

@@ -9,7 +9,7 @@ from loopstack.errors import ConfigError
 from pretrain.models import LoopConfig, count_parameters, flops_per_token, param_roles
 from pretrain.models.config import lora_bank, lora_targets, projection_dims
 from tests.dist import run_distributed
-from tests.models.helpers import VOCAB, batch, build, grads, tiny
+from tests.models.helpers import VOCAB, batch, build, grads, tiny, tp2_then_tp1
 
 
 def _randomise_b(model, seed: int = 5, std: float = 0.3) -> None:
@@ -177,15 +177,7 @@ def _run_tp_case(case):
 
 
 def _lora_tp_vs_tp1(cases):
-    from megatron.core import parallel_state as ps
-
-    from pretrain.distributed import init_distributed
-
-    env = init_distributed(tp=2, seed=0)
-    tp2 = [_run_case_checked(c) for c in cases]
-    ps.destroy_model_parallel()
-    ps.initialize_model_parallel(tensor_model_parallel_size=1, create_gloo_process_groups=False)
-    tp1 = [_run_tp_case(c) for c in cases]
+    env, tp2, tp1 = tp2_then_tp1(_run_case_checked, cases, _run_tp_case)
     if env.rank != 0:
         return dict(losses=[r["loss"] for r in tp2])
     return dict(tp2=tp2, tp1=tp1, losses=[r["loss"] for r in tp2])

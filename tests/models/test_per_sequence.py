@@ -11,7 +11,7 @@ from pretrain.models.config import LoopConfig
 from pretrain.models.depth import curriculum_cap, global_sequence_index, sequence_loops
 from pretrain.models.flops import flops_per_token, per_sequence_flops
 from tests.dist import run_distributed
-from tests.models.helpers import VOCAB, batch, build, tiny
+from tests.models.helpers import VOCAB, batch, build, tiny, tp2_then_tp1
 
 DEPTHS = [1, 4, 2, 3]
 
@@ -143,15 +143,7 @@ def _run_tp_case(case):
 
 
 def _tp_vs_tp1(cases):
-    from megatron.core import parallel_state as ps
-
-    from pretrain.distributed import init_distributed
-
-    env = init_distributed(tp=2, seed=0)
-    tp2 = [_run_tp_case(c) for c in cases]
-    ps.destroy_model_parallel()
-    ps.initialize_model_parallel(tensor_model_parallel_size=1, create_gloo_process_groups=False)
-    tp1 = [_run_tp_case(c) for c in cases]
+    env, tp2, tp1 = tp2_then_tp1(_run_tp_case, cases)
     depths = sequence_loops(LoopConfig(sampler="uniform", per_sequence=True), 4, 1234, 3, 0, 16).tolist()
     if env.rank != 0:
         return dict(losses=[r["loss"] for r in tp2], depths=depths)

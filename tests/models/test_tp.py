@@ -5,7 +5,7 @@ the same processes and builds every case again from the same seed."""
 import torch
 
 from tests.dist import run_distributed
-from tests.models.helpers import VARIANTS
+from tests.models.helpers import VARIANTS, tp2_then_tp1
 
 # (variant, model overrides, loop overrides, activation checkpointing): together they cover GQA, SwiGLU, untied
 # heads, prelude/coda, a padded vocabulary split across ranks, loss on several loops and truncated backprop
@@ -49,17 +49,10 @@ def _run_case(case):
 
 
 def _tp_vs_tp1(cases):
-    from megatron.core import parallel_state as ps
-
-    from pretrain.distributed import init_distributed
     from pretrain.models.config import LoopConfig
     from pretrain.models.depth import sample_loops
 
-    env = init_distributed(tp=2, seed=0)
-    tp2 = [_run_case(c) for c in cases]
-    ps.destroy_model_parallel()
-    ps.initialize_model_parallel(tensor_model_parallel_size=1, create_gloo_process_groups=False)
-    tp1 = [_run_case(c) for c in cases]
+    env, tp2, tp1 = tp2_then_tp1(_run_case, cases)
     depths = [sample_loops(LoopConfig(sampler="poisson_lognormal"), 8, 1234, s) for s in range(50)]
     if env.rank != 0:  # the other rank only proves it computed the same loss
         return dict(losses=[r["loss"] for r in tp2], depths=depths)

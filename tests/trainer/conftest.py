@@ -50,3 +50,8 @@ def losses(run_dir: Path) -> dict[int, float]:
         if "loss" in r:
             d[r["step"]] = r["loss"]
     return d
+
+
+def records(run_dir: Path) -> list[dict]:
+    """The step records (those with a loss) of a run's metrics.jsonl, in file order."""
+    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]

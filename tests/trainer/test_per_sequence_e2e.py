@@ -3,9 +3,8 @@ bit-identically (the draws are a pure function of seed, step and global sequence
 
 from __future__ import annotations
 
-import json
-
 from tests.trainer.conftest import losses, run_train
+from tests.trainer.conftest import records as read_records
 
 # uniform per-sequence depth (mean 3: draws 1..5), gradient through each sequence's own last 2 loops; a constant
 # schedule makes a run with a lower train.steps the same run stopped early
@@ -13,15 +12,11 @@ FLAGS = ["train.schedule=constant", "checkpoint.every=100", "logging.every=1", "
          "loop.per_sequence=true", "loop.sampler=uniform", "loop.backprop_loops=2"]
 
 
-def _records(run_dir):
-    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
-
-
 def test_per_sequence_depth_logs_and_resumes_bit_identically(smoke_data, tmp_path):
     flags = smoke_data + FLAGS
     ref = tmp_path / "ref"
     run_train(1, ref, flags + ["train.steps=8"])
-    records = _records(ref)
+    records = read_records(ref)
     assert len(records) == 8
     assert all(1 <= r["loops_mean"] <= r["loops"] <= 5 for r in records)
     assert any(r["loops_mean"] < r["loops"] for r in records)  # the sequences of a batch differ
@@ -32,7 +27,8 @@ def test_per_sequence_depth_logs_and_resumes_bit_identically(smoke_data, tmp_pat
     out = run_train(1, cut, flags + ["train.steps=8"], "--resume", "auto")
     assert f"resumed from {cut}/checkpoints/4 at step 4" in out.stdout, out.stdout[-2000:]
     assert losses(cut) == losses(ref)  # bit-identical, not approximately
-    assert [(r["loops"], r["loops_mean"]) for r in _records(cut)] == [(r["loops"], r["loops_mean"]) for r in records]
+    depths = [(r["loops"], r["loops_mean"]) for r in records]
+    assert [(r["loops"], r["loops_mean"]) for r in read_records(cut)] == depths
 
 
 def test_per_sequence_depth_with_loss_on_all_is_one_line(smoke_data, tmp_path):
