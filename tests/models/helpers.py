@@ -49,3 +49,21 @@ def tp2_then_tp1(run_tp2, cases, run_tp1=None):
     ps.initialize_model_parallel(tensor_model_parallel_size=1, create_gloo_process_groups=False)
     tp1 = [(run_tp1 or run_tp2)(c) for c in cases]
     return env, tp2, tp1
+
+
+def assert_checkpointing_exact(make_model, tokens, labels) -> None:
+    """Models from `make_model(activation_checkpointing)` for none / loop / layer: the same loss bit for bit and
+    the same gradients (fp32 tolerance: recomputation may reorder a sum)."""
+    results = {}
+    for ckpt in ("none", "loop", "layer"):
+        model = make_model(ckpt)
+        out = model(tokens, labels)
+        out.loss.backward()
+        results[ckpt] = (out.loss.detach(), grads(model))
+    loss0, g0 = results["none"]
+    for ckpt in ("loop", "layer"):
+        loss, g = results[ckpt]
+        assert torch.equal(loss, loss0)
+        assert g.keys() == g0.keys()
+        for n in g0:
+            torch.testing.assert_close(g[n], g0[n], rtol=1e-6, atol=1e-9, msg=f"{ckpt}: gradient of {n}")

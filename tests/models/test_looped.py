@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pretrain.models import LoopConfig, count_parameters, param_roles
-from tests.models.helpers import VARIANTS, VOCAB, batch, build, grads, tiny
+from tests.models.helpers import VARIANTS, VOCAB, assert_checkpointing_exact, batch, build, tiny
 
 
 @pytest.mark.parametrize("variant", ["flt", "huginn", "parcae", "recall"])
@@ -15,20 +15,9 @@ def test_checkpointing_gives_identical_gradients(tp1, variant):
     """none / per-loop / per-layer checkpointing: same loss, same gradients (loss on every loop, so the
     checkpointed loss heads are exercised; truncated backprop, so no_grad loops mix in)."""
     tokens, labels = batch(seed=2)
-    results = {}
-    for ckpt in ("none", "loop", "layer"):
-        loop_cfg = LoopConfig(loss_on="all", backprop_loops=3)
-        model = build(tiny(variant, loops=4), loop_cfg, activation_checkpointing=ckpt)
-        out = model(tokens, labels)
-        out.loss.backward()
-        results[ckpt] = (out.loss.detach(), grads(model))
-    loss0, g0 = results["none"]
-    for ckpt in ("loop", "layer"):
-        loss, g = results[ckpt]
-        assert torch.equal(loss, loss0)
-        assert g.keys() == g0.keys()
-        for n in g0:
-            torch.testing.assert_close(g[n], g0[n], rtol=1e-6, atol=1e-9, msg=f"{ckpt}: gradient of {n}")
+    loop_cfg = LoopConfig(loss_on="all", backprop_loops=3)
+    assert_checkpointing_exact(lambda ckpt: build(tiny(variant, loops=4), loop_cfg, activation_checkpointing=ckpt),
+                               tokens, labels)
 
 
 def test_truncated_backprop_sends_no_gradient_into_early_loops(tp1):

@@ -9,7 +9,7 @@ from loopstack.errors import ConfigError
 from pretrain.models import LoopConfig, count_parameters, flops_per_token, param_roles
 from pretrain.models.config import lora_bank, lora_targets, projection_dims
 from tests.dist import run_distributed
-from tests.models.helpers import VOCAB, batch, build, grads, tiny, tp2_then_tp1
+from tests.models.helpers import VOCAB, assert_checkpointing_exact, batch, build, tiny, tp2_then_tp1
 
 
 def _randomise_b(model, seed: int = 5, std: float = 0.3) -> None:
@@ -132,21 +132,13 @@ def test_flops_count_the_adapters(ckpt):
 
 
 def test_checkpointing_gives_identical_gradients(tp1):
-    tokens, labels = batch(seed=2)
-    results = {}
-    for ckpt in ("none", "loop", "layer"):
+    def make(ckpt):
         model = build(tiny("flt", loops=4, loop_lora_rank=2, mlp="swiglu"), LoopConfig(backprop_loops=3),
                       activation_checkpointing=ckpt)
         _randomise_b(model)
-        out = model(tokens, labels)
-        out.loss.backward()
-        results[ckpt] = (out.loss.detach(), grads(model))
-    loss0, g0 = results["none"]
-    for ckpt in ("loop", "layer"):
-        loss, g = results[ckpt]
-        assert torch.equal(loss, loss0) and g.keys() == g0.keys()
-        for n in g0:
-            torch.testing.assert_close(g[n], g0[n], rtol=1e-6, atol=1e-9, msg=f"{ckpt}: gradient of {n}")
+        return model
+
+    assert_checkpointing_exact(make, *batch(seed=2))
 
 
 # --- TP=2 == TP=1 ------------------------------------------------------------------------------------------
