@@ -56,6 +56,7 @@ import torch.distributed as dist
 
 from loopstack.errors import NoSpaceError, UserError
 from loopstack.fileio import atomic_write, fsync_path
+from pretrain.distributed import first_across_ranks, from_rank0
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
@@ -223,19 +224,6 @@ def save_file(obj: Any, path: Path) -> None:
         raise WriteFailed(failed)
 
 
-def _agree(mine: str | None) -> str | None:
-    """Collective: the first failure any rank reports (in rank order), on every rank; None if none did."""
-    everyone: list[str | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, mine)
-    return next((f for f in everyone if f), None)
-
-
-def _from_rank0(value: Any) -> Any:
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def _estimate_bytes(engine, extra: bool) -> int:
     """About what a first checkpoint takes: per parameter its weight, the fp32 master (ZeRO 1-3 or bf16) and
     two optimizer moments, plus the same again for the whole-tensor state (`extra`), on every TP rank."""
@@ -267,7 +255,7 @@ def _abandon(tmp: Path, step: int, failure: str, need: int) -> NoSpaceError:
             if NO_SPACE in failure else ""
         message = (f"{failure} while writing checkpoint step {step}: removed the partial checkpoint{space}; "
                    f"earlier checkpoints and `{LATEST}` kept")
-    return NoSpaceError(_from_rank0(message))
+    return NoSpaceError(from_rank0(message))
 
 
 def _fsync_files(directory: Path) -> str | None:
@@ -296,7 +284,7 @@ def save_checkpoint(engine, run_dir: Path, step: int, rank_state: dict, meta: di
         if tmp.exists():  # left over by a crash during an earlier save of this step
             shutil.rmtree(tmp)
         space = (*_space_needed(engine, ckpt_dir, extra=write_extra is not None), _free(ckpt_dir))
-    need, basis, free = _from_rank0(space)
+    need, basis, free = from_rank0(space)
     if need > free:
         raise NoSpaceError(f"{ckpt_dir}: not enough space for checkpoint step {step}: it needs about {_gib(need)} "
                            f"({basis}), {_gib(free)} free; nothing written, earlier checkpoints and `{LATEST}` kept")
@@ -312,11 +300,11 @@ def save_checkpoint(engine, run_dir: Path, step: int, rank_state: dict, meta: di
             write_extra(tmp)  # collective inside; its writes go through `save_file`
         except WriteFailed as err:
             failed = failed or str(err)
-    failed = _agree(failed)  # every file exists, or someone failed
+    failed = first_across_ranks(failed)  # every file exists, or someone failed
     if failed:
         raise _abandon(tmp, step, failed, need)
 
-    sizes = _from_rank0({str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+    sizes = from_rank0({str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
                         if rank == 0 else None)
     failed = _fsync_files(tmp)
     digests = {name: sha256_file(tmp / name) for name in _shares(sizes, dist.get_world_size())[rank]} \
@@ -343,7 +331,7 @@ def save_checkpoint(engine, run_dir: Path, step: int, rank_state: dict, meta: di
             complete = True  # `latest` is only a hint, and pruning frees space
             failed = guarded_write(ckpt_dir / LATEST, lambda: atomic_write(ckpt_dir / LATEST, f"{step}\n"))
             prune(ckpt_dir, keep_last=keep_last, keep_every=keep_every)
-    failed, complete = _from_rank0((failed, complete))
+    failed, complete = from_rank0((failed, complete))
     if failed and complete:
         raise NoSpaceError(f"{failed} after checkpoint step {step} was complete ({final}: resume finds it)")
     if failed:

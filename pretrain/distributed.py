@@ -283,3 +283,34 @@ def prepare_deepspeed() -> None:
     # not `import deepspeed.comm.torch as m`: that name resolves to the torch package re-exported by deepspeed.comm
     ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
     ds_torch_comm.build_shm_op = lambda: None
+
+
+# --- agreeing across ranks ---------------------------------------------------------------------------------
+
+
+def first_across_ranks(mine):
+    """Collective: the first non-None value any rank passes (in rank order), on every rank; None if none did."""
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return next((value for value in everyone if value), None)
+
+
+def from_rank0(value):
+    """Collective: rank 0's `value` on every rank."""
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+@contextlib.contextmanager
+def user_errors_agreed() -> Iterator[None]:
+    """Run the block on every rank; a UserError on any rank (a file only that rank reads, a lock only rank 0
+    takes) is raised on every rank, the first in rank order, so no rank is left waiting in a collective."""
+    refusal = None
+    try:
+        yield
+    except UserError as err:
+        refusal = str(err)
+    first = first_across_ranks(refusal)
+    if first is not None:
+        raise UserError(first)

@@ -37,6 +37,7 @@ from pretrain.distributed import (
     prepare_deepspeed,
     restore_rng_state,
     shutdown,
+    user_errors_agreed,
 )
 from pretrain.elastic import load_full_state, save_full_state
 from pretrain.guards import DivergenceMonitor, LossGuard
@@ -107,18 +108,12 @@ def hold_run_dir(run_dir: Path, env: DistEnv) -> RunLock | None:
     """Global rank 0 takes the run directory's lock for the job's lifetime (the other ranks get None); a run
     directory held by a live trainer is refused on every rank with rank 0's one-line reason. With the lock
     held, temporary files that killed writers left behind are removed."""
-    lock, refusal = None, None
-    if env.is_main:
-        try:
+    lock = None
+    with user_errors_agreed():
+        if env.is_main:
             lock = RunLock.acquire(run_dir)
             for directory in (run_dir, run_dir / "checkpoints", run_dir / "eval"):
                 remove_stale_temps(directory)
-        except UserError as err:
-            refusal = str(err)
-    box = [refusal]
-    dist.broadcast_object_list(box, src=0)
-    if box[0] is not None:
-        raise UserError(box[0])
     return lock
 
 
@@ -135,8 +130,7 @@ class Trainer:
         self.divergence = DivergenceMonitor(cfg.train.diverge_loss or math.log(self.vocab_size) + 1.0,
                                             cfg.train.diverge_patience, cfg.train.max_rollbacks)
         self.log = MetricsLogger(run_dir, to_dict(cfg), enabled=env.is_main, total_steps=cfg.train.steps,
-                                 console=cfg.logging.console,
-                                 wandb_mode=cfg.logging.wandb,
+                                 console=cfg.logging.console, wandb_mode=cfg.logging.wandb,
                                  wandb_project=cfg.logging.wandb_project, run_name=cfg.name)
 
     # --- setup -------------------------------------------------------------------------------------
@@ -194,16 +188,8 @@ class Trainer:
     def restore(self, info: ckpt.CheckpointInfo, *, rollback: bool = False) -> None:
         """Load `info` into the engine, the loader and the counters. A refusal on any rank (a file only that
         rank reads, such as its trainer state) is raised on every rank, so no rank is left in a collective."""
-        refusal = None
-        try:
+        with user_errors_agreed():
             self._restore(info, rollback=rollback)
-        except UserError as err:
-            refusal = str(err)
-        everyone: list[str | None] = [None] * self.env.world_size
-        dist.all_gather_object(everyone, refusal)
-        first = next((r for r in everyone if r), None)
-        if first is not None:
-            raise UserError(first)
 
     def _restore(self, info: ckpt.CheckpointInfo, *, rollback: bool = False) -> None:
         meta = info.meta
@@ -490,21 +476,13 @@ def evaluate_run(cfg: RunConfig, run_dir: Path, checkpoint: str = "auto") -> int
         info = ckpt.find_resume(run_dir, checkpoint, warn=say)  # collective: every rank hashes a share
         if info is None:
             raise UserError(f"{run_dir}: no complete checkpoint to evaluate")
-        refusal = None
-        try:  # files only this rank reads may be refused: every rank raises the first refusal
+        with user_errors_agreed():  # files only this rank reads may be refused: every rank raises the first
             check_fits(info, model, env.tp, to_dict(cfg), tokenizer.sha256, cfg.tokenizer.dir)
             load_model_weights(model, info, env.tp_rank, env.tp,
                                dtype=torch.bfloat16 if cfg.train.dtype == "bf16" else None)
             noise = ckpt.load_rank_state(info, 0).get("model_noise")  # the same on every rank
             if noise is not None:
                 model.load_noise_state(noise)
-        except UserError as err:
-            refusal = str(err)
-        everyone: list[str | None] = [None] * env.world_size
-        dist.all_gather_object(everyone, refusal)
-        first = next((r for r in everyone if r), None)
-        if first is not None:
-            raise UserError(first)
         evaluate_model(model, cfg, env, lambda: eval_data(cfg, env, tokenizer.sha256), run_dir, info.step, say)
         if env.is_main:
             for path in plot_run(run_dir):
