@@ -7,16 +7,18 @@
 
 Where the weights come from, first that applies:
 
-1. DeepSpeed's `mp_rank_<tp_rank>_model_states.pt`, key `module`: the module's state dict exactly as the
-   engine held it (ZeRO 0-2, in the run's dtype), when the checkpoint was saved at this TP size. The weights
-   `loopstack eval` uses are then the very tensors the trainer's own end-of-run eval used.
-2. The whole-tensor state (`elastic_state_tp<r>_part<k>of<n>.pt`, `pretrain.elastic`, ZeRO 1-3 with
+1. `model.safetensors`: whole tensors (TP=1 names), what `loopstack convert hf` writes (`save_whole_checkpoint`).
+2. DeepSpeed's `mp_rank_<r>_model_states.pt`, key `module`: the module's state dict exactly as the engine held it
+   (ZeRO 0-2, in the run's dtype). The weights `loopstack eval` uses are then the very tensors the trainer's own
+   end-of-run eval used. Saved at another TP size, every saved rank's file is read and each TP-split tensor is
+   concatenated along megatron's `partition_dim` and split again (one process can load a TP=8 run).
+3. The whole-tensor state (`elastic_state_tp<r>_part<k>of<n>.pt`, `pretrain.elastic`, ZeRO 1-3 with
    `checkpoint.elastic: true`): each parameter's fp32 master, re-split along megatron's `partition_dim` when the
    TP size changed. A bf16 run's parameters are cast to bf16 as DeepSpeed casts its module (parameters only,
    round to nearest): the low-precision weights a ZeRO 1-3 engine holds are that same cast of its fp32 masters,
    so eval measures the model the trainer held, not its fp32 masters.
-3. Otherwise (ZeRO-3 with `checkpoint.elastic: false`, whose weights exist only as DeepSpeed's flat optimizer
-   partitions; a TP change without the whole-tensor state) a one-line UserError naming what is missing.
+4. Otherwise (ZeRO-3 with `checkpoint.elastic: false`, whose weights exist only as DeepSpeed's flat optimizer
+   partitions) a one-line UserError naming what is missing.
 
 Every file is read with `pretrain.checkpoint.load_file` (weights only; a damaged or unsafe file is one line).
 The parameter names and whole shapes are checked against the checkpoint's record first (`check_fits`, the same
@@ -25,6 +27,10 @@ check and message the trainer's resume gives).
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -32,6 +38,8 @@ import torch
 from loopstack.errors import UserError
 from pretrain import checkpoint as ckpt
 from pretrain.config import config_diff
+
+WHOLE_FILE = "model.safetensors"  # whole tensors, TP=1 names (`save_whole_checkpoint`)
 
 
 def global_param_shapes(module: torch.nn.Module, tp: int) -> dict[str, list[int]]:
@@ -81,27 +89,39 @@ def module_file(tp_rank: int) -> str:
 
 
 def weight_source(info: ckpt.CheckpointInfo, tp: int) -> str:
-    """"module" (DeepSpeed's module state dict) or "elastic" (the whole-tensor state), see the module docstring;
-    a one-line UserError when the checkpoint has neither usable here."""
+    """"whole" (model.safetensors), "module" (DeepSpeed's module state dicts) or "elastic" (the whole-tensor state),
+    see the module docstring; a one-line UserError when the checkpoint has none of them."""
     from pretrain.elastic import parts_glob
 
+    if (info.path / WHOLE_FILE).exists():
+        return "whole"
     saved_stage = info.meta.get("config", {}).get("parallel", {}).get("zero_stage")
-    saved_tp = info.meta.get("tp", tp)
-    if saved_stage is not None and saved_stage < 3 and saved_tp == tp and (info.path / module_file(0)).exists():
+    if saved_stage is not None and saved_stage < 3 and (info.path / module_file(0)).exists():
         return "module"
     if any(info.path.glob(parts_glob(0))):
         return "elastic"
-    if saved_tp != tp:
-        raise UserError(f"{info.path}: saved with parallel.tp = {saved_tp}, evaluating with {tp}: changing the "
-                        f"tensor-parallel size needs the whole-tensor state ({parts_glob(0)}), which this "
-                        f"checkpoint lacks (written with parallel.zero_stage = 0 or checkpoint.elastic: false); "
-                        f"evaluate with --set parallel.tp={saved_tp} on a multiple of {saved_tp} processes")
-    raise UserError(f"{info.path}: no weights `loopstack eval` can read: a ZeRO-3 checkpoint written with "
-                    f"checkpoint.elastic: false keeps them only in DeepSpeed's optimizer partitions "
-                    f"(zero_pp_rank_*_optim_states.pt); evaluate a checkpoint written with checkpoint.elastic: true")
+    raise UserError(f"{info.path}: no weights loopstack can read without DeepSpeed's engine: a ZeRO-3 checkpoint "
+                    f"written with checkpoint.elastic: false keeps them only in DeepSpeed's optimizer partitions "
+                    f"(zero_pp_rank_*_optim_states.pt); use a checkpoint written with checkpoint.elastic: true")
 
 
-def _module_tensors(info: ckpt.CheckpointInfo, tp_rank: int) -> tuple[Path, dict[str, torch.Tensor]]:
+def _resplit(model: torch.nn.Module, shards: list[dict[str, torch.Tensor]], tp_rank: int,
+             tp: int) -> dict[str, torch.Tensor]:
+    """This TP rank's tensors from every saved TP rank's: a TP-split tensor is concatenated along its megatron
+    `partition_dim` and split again; a replicated one is taken from the first."""
+    from pretrain.elastic import _tp_split_dims
+
+    dims = _tp_split_dims(model)
+    if len(shards) == 1 and tp == 1:
+        return shards[0]
+    out = {}
+    for name, first in shards[0].items():
+        dim = dims.get(name)
+        out[name] = first if dim is None else torch.cat([s[name] for s in shards], dim).chunk(tp, dim)[tp_rank]
+    return out
+
+
+def _module_file_tensors(info: ckpt.CheckpointInfo, tp_rank: int) -> dict[str, torch.Tensor]:
     path = info.path / module_file(tp_rank)
     if not path.exists():
         raise UserError(f"{path}: missing (saved with {info.meta.get('tp', '?')} tensor-parallel ranks)")
@@ -109,7 +129,29 @@ def _module_tensors(info: ckpt.CheckpointInfo, tp_rank: int) -> tuple[Path, dict
     module = state.get("module") if isinstance(state, dict) else None
     if not isinstance(module, dict):
         raise UserError(f"{path}: no `module` state dict in it (not a DeepSpeed model-states file)")
-    return path, {k: v for k, v in module.items() if isinstance(v, torch.Tensor)}  # megatron's _extra_state: None
+    return {k: v for k, v in module.items() if isinstance(v, torch.Tensor)}  # megatron's _extra_state: None
+
+
+def _module_tensors(model: torch.nn.Module, info: ckpt.CheckpointInfo, tp_rank: int,
+                    tp: int) -> tuple[Path, dict[str, torch.Tensor]]:
+    saved_tp = info.meta.get("tp", tp)
+    if saved_tp == tp:
+        return info.path / module_file(tp_rank), _module_file_tensors(info, tp_rank)
+    shards = [_module_file_tensors(info, r) for r in range(saved_tp)]
+    return info.path / "mp_rank_*_model_states.pt", _resplit(model, shards, tp_rank, tp)
+
+
+def _whole_tensors(model: torch.nn.Module, info: ckpt.CheckpointInfo, tp_rank: int,
+                   tp: int) -> tuple[Path, dict[str, torch.Tensor]]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = info.path / WHOLE_FILE
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise UserError(f"{path}: cannot read ({ckpt.describe_error(err)})") from None
+    return path, _resplit(model, [tensors], tp_rank, tp)
 
 
 def _elastic_tensors(model: torch.nn.Module, info: ckpt.CheckpointInfo, tp_rank: int,
@@ -129,10 +171,10 @@ def load_model_weights(model: torch.nn.Module, info: ckpt.CheckpointInfo, tp_ran
                        dtype: torch.dtype | None = None) -> str:
     """Fill `model` (built by `build_model` for this TP size; TP rank `tp_rank`) from the complete checkpoint
     `info`, then cast its parameters to `dtype` (the run's: bf16 runs) as DeepSpeed's engine casts its module.
-    Returns which source was used, "module" or "elastic". Reads files only, no collective."""
+    Returns which source was used ("whole", "module" or "elastic"). Reads files only, no collective."""
     source = weight_source(info, tp)
-    path, tensors = _module_tensors(info, tp_rank) if source == "module" else \
-        _elastic_tensors(model, info, tp_rank, tp)
+    read = {"whole": _whole_tensors, "module": _module_tensors, "elastic": _elastic_tensors}[source]
+    path, tensors = read(model, info, tp_rank, tp)
     params = dict(model.named_parameters())
     missing, unknown = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
     if missing or unknown:
@@ -147,3 +189,38 @@ def load_model_weights(model: torch.nn.Module, info: ckpt.CheckpointInfo, tp_ran
         # DeepSpeed's cast for bf16: parameters only (buffers keep their dtype), round to nearest
         p.data = saved.to(device=p.device, dtype=dtype or p.dtype, copy=True)  # a copy: `saved` may be mapped
     return source
+
+
+def save_whole_checkpoint(run_dir: str | os.PathLike, state: dict[str, torch.Tensor], config: dict,
+                          tokenizer_sha256: str, step: int = 0, noise_seed: int | None = None) -> Path:
+    """Write a complete checkpoint holding only whole weights: `<run_dir>/checkpoints/<step>/model.safetensors`
+    (names and shapes as `LoopedLM.state_dict()` at TP=1) and its COMPLETE record (config, tokenizer, every
+    parameter's shape, file sizes and sha256), then `latest`. What `loopstack convert hf` writes; `load_run`, eval,
+    generate, export and `train.init_from` read it like any other checkpoint (it has no optimizer or loader state,
+    so `--resume` cannot continue from it). Written into a temporary directory and renamed, as the trainer does."""
+    from safetensors.torch import save_file
+
+    from loopstack.fileio import atomic_write, fsync_path
+
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    final, tmp = ckpt_dir / str(step), ckpt_dir / f".tmp-{step}"
+    if final.exists():
+        raise UserError(f"{final}: exists already")
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    tensors = {k: v.detach().contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}
+    save_file(tensors, str(tmp / WHOLE_FILE), metadata={"format": "pt", "writer": "loopstack"})
+    fsync_path(tmp / WHOLE_FILE)
+    record = {"step": step, "format": "whole", "world_size": 1, "tp": 1, "dp": 1, "time": time.time(),
+              "config": config, "tokenizer_sha256": tokenizer_sha256,
+              "param_shapes": {k: list(v.shape) for k, v in tensors.items()},
+              "noise_seed": noise_seed,
+              "files": {WHOLE_FILE: (tmp / WHOLE_FILE).stat().st_size},
+              "sha256": {WHOLE_FILE: ckpt.sha256_file(tmp / WHOLE_FILE)}}
+    atomic_write(tmp / ckpt.COMPLETE, json.dumps(record, indent=1))
+    fsync_path(tmp)
+    os.replace(tmp, final)
+    fsync_path(ckpt_dir)
+    atomic_write(ckpt_dir / ckpt.LATEST, f"{step}\n")
+    return final

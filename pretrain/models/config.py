@@ -43,6 +43,9 @@ class ModelConfig:
     vocab_size: int = param(0, min=0, help="0 = the tokenizer's vocabulary size")
     mlp: Literal["swiglu", "relu2"] = param("relu2", help="MLP type")
     mlp_ratio: float = param(4.0, min=0.5, help="MLP hidden size / d_model (rounded up to a multiple of 16)")
+    mlp_hidden: int = param(0, min=0, help="MLP hidden size given exactly (imported models); 0 = from mlp_ratio")
+    qkv_bias: bool = param(False, help="biases on the query/key/value projections (Qwen2-style imported models)")
+    norm_eps: float = param(1e-6, min=0.0, help="epsilon of every RMSNorm")
     tie_embeddings: bool = param(True, help="head shares the embedding matrix")
     qk_norm: bool = param(True, help="RMSNorm on queries and keys (per head)")
     logit_softcap: float = param(0.0, min=0.0, help="c * tanh(z / c) on logits; 0 = off")
@@ -205,8 +208,9 @@ def padded_vocab(vocab_size: int) -> int:
 
 
 def mlp_hidden(cfg: ModelConfig) -> int:
-    """MLP width, rounded up to a multiple of 16 so it splits evenly for TP <= 16 (independent of TP)."""
-    return 16 * math.ceil(cfg.mlp_ratio * cfg.d_model / 16)
+    """MLP width: `mlp_hidden` when given, else mlp_ratio x d_model rounded up to a multiple of 16 so it splits
+    evenly for TP <= 16 (independent of TP)."""
+    return cfg.mlp_hidden or 16 * math.ceil(cfg.mlp_ratio * cfg.d_model / 16)
 
 
 def lora_targets(cfg: ModelConfig) -> tuple[str, ...]:

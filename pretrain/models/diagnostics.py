@@ -62,19 +62,35 @@ class Recorder:
 
 
 class EarlyExit:
-    """Per-sequence exit once ||h_t - h_{t-1}|| / ||h_{t-1}|| < epsilon: the exited sequence's state is frozen
-    (later loops leave it unchanged) and `loops_run[b]` says after which loop it stopped."""
+    """Exit once ||h_t - h_{t-1}|| / ||h_{t-1}|| < epsilon, per sequence (the norms over all its positions) or per
+    token (`per_token`: the norms over d_model at each position). An exited sequence's (token's) state is frozen:
+    later loops leave it unchanged, and `loops_run` ([B], or [B, T] per token) says after which loop it stopped.
+    `valid` ([B, T], True = a real token; padding otherwise): padding is left out of the norms, and per token it
+    counts as exited from the start (its state stays whatever it is: nothing real attends to it)."""
 
-    def __init__(self, epsilon: float, batch: int, loops: int, device: torch.device):
-        self.epsilon = epsilon
-        self.loops_run = torch.full((batch,), loops, dtype=torch.long, device=device)
-        self.done = torch.zeros(batch, dtype=torch.bool, device=device)
+    def __init__(self, epsilon: float, batch: int, loops: int, device: torch.device, *, per_token: bool = False,
+                 length: int = 0, valid: torch.Tensor | None = None):
+        self.epsilon, self.per_token = epsilon, per_token
+        shape = (batch, length) if per_token else (batch,)
+        self.loops_run = torch.full(shape, loops, dtype=torch.long, device=device)
+        self.valid = valid
+        self.done = torch.zeros(shape, dtype=torch.bool, device=device)
+        if per_token and valid is not None:
+            self.done |= ~valid
 
     def step(self, t: int, h: torch.Tensor | None, h_next: torch.Tensor) -> torch.Tensor:
         if h is None or t == 0:  # the first change is measured between loops 1 and 2
             return h_next
-        rel = (h_next - h).flatten(1).float().norm(dim=1) / h.flatten(1).float().norm(dim=1).clamp_min(1e-30)
-        h_next = torch.where(self.done[:, None, None], h, h_next)
+        diff, ref = (h_next - h).float(), h.float()
+        if self.valid is not None:
+            keep = self.valid[..., None].to(diff.dtype)
+            diff, ref = diff * keep, ref * keep
+        if self.per_token:
+            rel = diff.norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-30)
+            h_next = torch.where(self.done[..., None], h, h_next)
+        else:
+            rel = diff.flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1).clamp_min(1e-30)
+            h_next = torch.where(self.done[:, None, None], h, h_next)
         newly = ~self.done & (rel < self.epsilon)
         self.loops_run[newly] = t + 1
         self.done |= newly

@@ -10,16 +10,22 @@ step) and its keys/values from the current stream, which is what each slot cache
 the loop count (T * n_core slots). The alternatives are not offered: caching only the last loop means recomputing
 the earlier loops over the whole prefix every step (exact, but the cost of an uncached forward), and sharing one
 loop's cache across loops (Huginn-style) is approximate unless the recurrence has converged. A cache is tied to
-the loop count it was allocated for; early exit (a per-sequence loop count) is not combined with caching.
+the loop count it was allocated for. Per-token early exit is exact with it (every loop still runs to fill the slots);
+per-sequence early exit is not combined with caching.
 
     cache = KVCache.allocate(model, batch=B, max_len=T0 + n, loops=8)
     out = model(prompt, loops=8, cache=cache)            # prefill: logits for every prompt position
     out = model(next_tok[:, None], loops=8, cache=cache)  # one position at a time afterwards
 
-`generate` wraps this (or, with use_cache=False, reruns the whole sequence each step).
+`generate_batch` wraps this for prompts of different lengths (left padding and an attention mask, sampling with
+temperature / top-k / top-p, end-of-sequence, per-token early exit); with use_cache=False it reruns the whole
+sequence each step (the reference the cache is tested against). `generate` is its equal-length tensor form.
 """
 
 from __future__ import annotations
+
+import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -76,28 +82,103 @@ def gather_vocab(logits: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=-1)
 
 
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                gen: torch.Generator) -> torch.Tensor:
+    """The next token of each row from fp32 logits [B, V]: argmax at temperature 0, else a draw from
+    softmax(logits / temperature) restricted to the top_k most likely tokens (0 = all) and then to the smallest set
+    whose probability reaches top_p (1 = all; the most likely token always stays)."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(order.values, dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # mass of the tokens ranked above each one
+        drop = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, order.indices, before >= top_p)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=gen)[:, 0]
+
+
+@dataclass
+class Generation:
+    """What `generate_batch` produced, per prompt: the new tokens (up to and without the end-of-sequence token),
+    the loops each new token used (the loop count, or where it exited under exit_epsilon), whether it ended with
+    end-of-sequence, and the wall time of the prompt pass and of the decoding."""
+
+    tokens: list[list[int]]
+    loops_used: list[list[int]]
+    finished: list[bool]
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+
+
 @torch.no_grad()
-def generate(model, tokens: torch.Tensor, max_new_tokens: int, *, loops: int | None = None, use_cache: bool = True,
-             temperature: float = 0.0, seed: int = 0) -> torch.Tensor:
-    """Append `max_new_tokens` tokens to `tokens` [B, T0]: greedy at temperature 0, else sampled from a generator
-    seeded with `seed` (every TP rank draws the same token). Returns [B, T0 + max_new_tokens]."""
+def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, *, loops: int | None = None,
+                   temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                   eos_id: int | None = None, pad_id: int = 0, use_cache: bool = True,
+                   exit_epsilon: float | None = None) -> Generation:
+    """Continue prompts of any lengths in one batch: left-padded with `pad_id` and masked (the model's
+    `attention_mask`: rotary positions count real tokens, padding is never attended), so each row generates what
+    it would alone. Greedy at temperature 0, else sampled (`sample_next`) from a generator seeded with `seed` (every
+    TP rank draws the same). A row stops at `eos_id`; the batch stops when every row has. `exit_epsilon`: per-token
+    early exit (`LoopedLM.forward(exit_per_token=True)`; exact with the cache, which still runs every loop)."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
     loops = loops or model.cfg.loops
+    device = model.embed.weight.device
+    B, longest = len(prompts), max(len(p) for p in prompts)
+    padded = any(len(p) != longest for p in prompts)
+    tokens = torch.full((B, longest), pad_id, dtype=torch.long, device=device)
+    real = torch.zeros((B, longest), dtype=torch.long, device=device)
+    for b, p in enumerate(prompts):
+        tokens[b, longest - len(p):] = torch.tensor(p, dtype=torch.long, device=device)
+        real[b, longest - len(p):] = 1
     was_training = model.training
     model.eval()  # eval mode: a random initial state is a fixed function of position, so the cache stays exact
     try:
-        gen = torch.Generator(device=tokens.device).manual_seed(seed)
-        B, T0 = tokens.shape
-        cache = KVCache.allocate(model, B, T0 + max_new_tokens, loops) if use_cache else None
-        out, chunk = tokens, tokens
+        gen = torch.Generator(device=device).manual_seed(seed)
+        cache = KVCache.allocate(model, B, longest + max_new_tokens, loops) if use_cache else None
+        out_tokens: list[list[int]] = [[] for _ in range(B)]
+        used: list[list[int]] = [[] for _ in range(B)]
+        finished = [False] * B
+        seq, chunk, mask = tokens, tokens, real
+        times, t0 = [], time.perf_counter()
         for _ in range(max_new_tokens):
-            logits = model(chunk if use_cache else out, loops=loops, cache=cache).logits[:, -1]
-            logits = gather_vocab(logits)[:, :model.vocab_size].float()
-            if temperature <= 0:
-                nxt = logits.argmax(dim=-1)
-            else:
-                nxt = torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1, generator=gen)[:, 0]
-            out = torch.cat((out, nxt[:, None]), dim=1)
+            out = model(chunk if use_cache else seq, loops=loops, cache=cache,
+                        attention_mask=mask if padded else None, exit_epsilon=exit_epsilon,
+                        exit_per_token=exit_epsilon is not None)
+            logits = gather_vocab(out.logits[:, -1])[:, :model.vocab_size].float()
+            nxt = sample_next(logits, temperature, top_k, top_p, gen)
+            depth = out.exit_loops[:, -1].tolist() if out.exit_loops is not None else [loops] * B
+            times.append(time.perf_counter())
+            for b, tok in enumerate(nxt.tolist()):
+                if finished[b]:
+                    continue
+                if eos_id is not None and tok == eos_id:
+                    finished[b] = True
+                    continue
+                out_tokens[b].append(tok)
+                used[b].append(int(depth[b]))
+            if all(finished):
+                break
+            seq = torch.cat((seq, nxt[:, None]), dim=1)
+            mask = torch.cat((mask, torch.ones_like(mask[:, :1])), dim=1)
             chunk = nxt[:, None]
-        return out
+        prefill = times[0] - t0 if times else 0.0
+        return Generation(out_tokens, used, finished, prefill, (times[-1] - times[0]) if times else 0.0)
     finally:
         model.train(was_training)
+
+
+@torch.no_grad()
+def generate(model, tokens: torch.Tensor, max_new_tokens: int, *, loops: int | None = None, use_cache: bool = True,
+             temperature: float = 0.0, seed: int = 0) -> torch.Tensor:
+    """Append `max_new_tokens` tokens to `tokens` [B, T0] (equal-length prompts, no end-of-sequence stop): greedy at
+    temperature 0, else sampled with a generator seeded with `seed`. Returns [B, T0 + max_new_tokens]."""
+    result = generate_batch(model, tokens.tolist(), max_new_tokens, loops=loops, temperature=temperature, seed=seed,
+                            use_cache=use_cache)
+    new = torch.tensor(result.tokens, dtype=tokens.dtype, device=tokens.device).view(tokens.shape[0], -1)
+    return torch.cat((tokens, new), dim=1)

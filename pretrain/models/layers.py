@@ -109,31 +109,27 @@ def to_tp(x: torch.Tensor) -> torch.Tensor:
 class RMSNorm(nn.Module):
     """RMSNorm over the last dim, with or without a learnable scale (the FLT recipes use none)."""
 
-    def __init__(self, dim: int, affine: bool = True, dtype: torch.dtype = torch.float32):
+    def __init__(self, dim: int, affine: bool = True, dtype: torch.dtype = torch.float32, eps: float = NORM_EPS):
         super().__init__()
-        self.dim = dim
+        self.dim, self.eps = dim, eps
         self.weight = replicated(nn.Parameter(torch.ones(dim, dtype=dtype)), "norm") if affine else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (self.dim,), self.weight, NORM_EPS)
-
-
-def rms_norm(x: torch.Tensor) -> torch.Tensor:
-    return F.rms_norm(x, (x.shape[-1],), None, NORM_EPS)
+        return F.rms_norm(x, (self.dim,), self.weight, self.eps)
 
 
 class HeadNorm(nn.Module):
     """QK-norm: RMSNorm over head_dim with one scale vector per head. Per-head scales shard with the heads,
     so their gradients need no TP all-reduce (a scale shared by all heads would)."""
 
-    def __init__(self, n_local_heads: int, head_dim: int, affine: bool, dtype: torch.dtype):
+    def __init__(self, n_local_heads: int, head_dim: int, affine: bool, dtype: torch.dtype, eps: float = NORM_EPS):
         super().__init__()
-        self.head_dim = head_dim
+        self.head_dim, self.eps = head_dim, eps
         self.weight = (sharded(nn.Parameter(torch.ones(n_local_heads, head_dim, dtype=dtype)), 0, "norm")
                        if affine else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, H, T, hd]
-        x = F.rms_norm(x, (self.head_dim,), None, NORM_EPS)
+        x = F.rms_norm(x, (self.head_dim,), None, self.eps)
         return x if self.weight is None else x * self.weight[:, None, :]
 
 
@@ -166,17 +162,19 @@ class Attention(nn.Module):
             raise ValueError(f"n_heads = {cfg.n_heads} and n_kv_heads = {n_kv} must be divisible by TP = {tp}")
         self.head_dim = d // cfg.n_heads
         self.n_local, self.n_local_kv = cfg.n_heads // tp, n_kv // tp
-        col = partial(ColumnParallelLinear, config=mp, init_method=normal_init(cfg.init_std), bias=False,
+        col = partial(ColumnParallelLinear, config=mp, init_method=normal_init(cfg.init_std),
                       disable_grad_reduce=True, tp_group=tp_group())  # gradient all-reduce: once, in to_tp()
-        self.wq = col(d, cfg.n_heads * self.head_dim)
-        self.wk = col(d, n_kv * self.head_dim)
-        self.wv = col(d, n_kv * self.head_dim)
+        self.wq = col(d, cfg.n_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.wk = col(d, n_kv * self.head_dim, bias=cfg.qkv_bias)
+        self.wv = col(d, n_kv * self.head_dim, bias=cfg.qkv_bias)
         self.wo = RowParallelLinear(cfg.n_heads * self.head_dim, d, config=mp, init_method=normal_init(out_std),
                                     bias=False, input_is_parallel=True, skip_bias_add=False, tp_group=tp_group())
         for proj in (self.wq, self.wk, self.wv, self.wo):
             declare_role(proj.weight, "matrix")  # megatron creates them: the role is declared right after
-        self.q_norm = HeadNorm(self.n_local, self.head_dim, affine, mp.params_dtype) if cfg.qk_norm else None
-        self.k_norm = HeadNorm(self.n_local_kv, self.head_dim, affine, mp.params_dtype) if cfg.qk_norm else None
+            declare_role(proj.bias, "bias")  # None without qkv_bias
+        eps = cfg.norm_eps
+        self.q_norm = HeadNorm(self.n_local, self.head_dim, affine, mp.params_dtype, eps) if cfg.qk_norm else None
+        self.k_norm = HeadNorm(self.n_local_kv, self.head_dim, affine, mp.params_dtype, eps) if cfg.qk_norm else None
 
     def forward(self, x_q: torch.Tensor, x_kv: torch.Tensor, rope, mask: torch.Tensor | None = None,
                 kv_cache=None, lora: LoRA | None = None) -> torch.Tensor:
@@ -256,13 +254,13 @@ class Layer(nn.Module):
         super().__init__()
         d, dtype = cfg.d_model, mp.params_dtype
         self.recall_at = recall_at
-        self.attn_norm = RMSNorm(d, affine, dtype)
+        self.attn_norm = RMSNorm(d, affine, dtype, cfg.norm_eps)
         self.attn = Attention(cfg, mp, affine, out_std)
-        self.mlp_norm = RMSNorm(d, affine, dtype)
+        self.mlp_norm = RMSNorm(d, affine, dtype, cfg.norm_eps)
         self.mlp = MLP(cfg, mp, out_std)
         sandwich = norm == "sandwich"
-        self.attn_out_norm = RMSNorm(d, affine, dtype) if sandwich else None
-        self.mlp_out_norm = RMSNorm(d, affine, dtype) if sandwich else None
+        self.attn_out_norm = RMSNorm(d, affine, dtype, cfg.norm_eps) if sandwich else None
+        self.mlp_out_norm = RMSNorm(d, affine, dtype, cfg.norm_eps) if sandwich else None
 
     def forward(self, x: torch.Tensor, rope, *, mask: torch.Tensor | None = None, query: torch.Tensor | None = None,
                 recall: torch.Tensor | None = None, kv_cache=None, lora: LoRA | None = None) -> torch.Tensor:

@@ -32,8 +32,15 @@ diagnostics (`Recorder.observe`) watch it; early exit (`_run_with_exit`) and the
   loop; the gradient norms are filled in by backward hooks when backward runs).
 - exit_epsilon (inference): a sequence stops looping once ||h_t - h_{t-1}|| / ||h_{t-1}|| < epsilon (its state is
   frozen, later loops leave it unchanged; the batch stops when all have exited); `exit_loops` says where each
-  stopped. The loss, if labels are given, is taken on the final states.
+  stopped. The loss, if labels are given, is taken on the final states. With exit_per_token=True the rule is per
+  position (norms over d_model), `exit_loops` is [B, T]: a token's state, and so every (loop, layer) key/value it
+  produces, depends only on tokens <= it, so this form is also exact with a KV cache (all loops then still run, so
+  that every cache slot is filled; a frozen token's later-loop keys/values come from its frozen state).
 - cache (inference): a `generate.KVCache`; `tokens` are then the next chunk after the cached positions.
+- attention_mask (inference, batched prompts of different lengths): [B, cached + T], 1 for a real token, 0 for
+  (left) padding. Rotary positions count real tokens only (position = number of real tokens before), padded keys
+  are masked, and a padding query attends to itself only (so nothing is NaN). With it, each row computes exactly
+  what it computes alone.
 - random h_0 (Huginn, Parcae): fresh truncated-normal noise every call in training mode, from a generator seeded
   at build (identical on every TP rank; not in the state_dict: the trainer saves it per rank with
   `noise_state()` and restores it, so a resumed run draws what an uninterrupted one would);
@@ -149,10 +156,10 @@ class LoopedLM(nn.Module):
         self.core = nn.ModuleList(layer(recall_at=sw.internal_recall) for _ in range(cfg.n_core))
         self.coda = nn.ModuleList(layer() for _ in range(cfg.n_coda))
         # the recurrence (recurrence.py; registered as `injection`: its parameters are named injection.*)
-        self.injection: Recurrence = build_recurrence(sw, d, cfg.n_core, cfg.init_std, dtype)
-        self.outer_norm = RMSNorm(d, sw.norm_affine, dtype) if sw.outer_norm else None
+        self.injection: Recurrence = build_recurrence(sw, d, cfg.n_core, cfg.init_std, dtype, cfg.norm_eps)
+        self.outer_norm = RMSNorm(d, sw.norm_affine, dtype, cfg.norm_eps) if sw.outer_norm else None
         self.injection.bind_exit(self.outer_norm)
-        self.norm = RMSNorm(d, sw.norm_affine, dtype)
+        self.norm = RMSNorm(d, sw.norm_affine, dtype, cfg.norm_eps)
         self.lm_head = ColumnParallelLinear(d, padded_vocab(vocab_size), config=mp, bias=False,
                                             init_method=normal_init(cfg.init_std),
                                             skip_weight_param_allocation=cfg.tie_embeddings, tp_group=tp_group())
@@ -175,7 +182,8 @@ class LoopedLM(nn.Module):
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None, *, loops: int | None = None,
                 backprop_loops: int | None = None, diagnostics: bool = False, doc_ids: torch.Tensor | None = None,
                 exit_epsilon: float | None = None, loss_on: str | None = None, return_logits: bool = False,
-                cache: KVCache | None = None, depths: torch.Tensor | None = None) -> LoopedOutput:
+                cache: KVCache | None = None, depths: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, exit_per_token: bool = False) -> LoopedOutput:
         n = loops or self.cfg.loops
         k = self.loop_cfg.backprop_loops if backprop_loops is None else backprop_loops
         per_seq = None
@@ -187,10 +195,11 @@ class LoopedLM(nn.Module):
             per_seq = _PerSequence(depths, k, tokens.shape[0], tokens.device)
             n, k = per_seq.loops, per_seq.backprop
         k = n if k <= 0 else min(k, n)
-        if cache is not None and (cache.loops != n or exit_epsilon is not None or doc_ids is not None):
+        if cache is not None and (cache.loops != n or (exit_epsilon is not None and not exit_per_token)
+                                  or doc_ids is not None):
             raise ValueError(f"a KV cache allocated for {cache.loops} loops serves exactly that loop count, "
-                             "without early exit or document masks")
-        ctx = self._context(tokens, doc_ids, cache, n)
+                             "without per-sequence early exit or document masks")
+        ctx = self._context(tokens, doc_ids, cache, n, attention_mask)
         e = self.injection.prepare(self._prelude(tokens, ctx))
         h = self.injection.init_state(e, self._initial_noise(e, ctx))
         steps = self._loops(h, e, ctx, n, k, per_seq)
@@ -200,8 +209,10 @@ class LoopedLM(nn.Module):
 
         early_exit, losses = None, []
         if exit_epsilon is not None:  # inference: the loss, if any, on the final states
-            early_exit = EarlyExit(exit_epsilon, tokens.shape[0], n, tokens.device)
-            h = self._run_with_exit(steps, early_exit, h)
+            valid = attention_mask[:, -tokens.shape[1]:].bool() if attention_mask is not None else None
+            early_exit = EarlyExit(exit_epsilon, tokens.shape[0], n, tokens.device, per_token=exit_per_token,
+                                   length=tokens.shape[1], valid=valid)
+            h = self._run_with_exit(steps, early_exit, h, stop_early=cache is None)
             if labels is not None:
                 losses.append(self._loss_head(h, labels, ctx, checkpointed=False))
         else:
@@ -234,11 +245,12 @@ class LoopedLM(nn.Module):
             h = step.state
 
     @staticmethod
-    def _run_with_exit(steps, early_exit: EarlyExit, h: torch.Tensor | None) -> torch.Tensor:
-        """Early exit (inference): freeze each sequence once its state stops changing; stop when all have."""
+    def _run_with_exit(steps, early_exit: EarlyExit, h: torch.Tensor | None, stop_early: bool) -> torch.Tensor:
+        """Early exit (inference): freeze each sequence (token) once its state stops changing; stop when all have
+        (unless a KV cache needs every loop's slot filled)."""
         for step in steps:
             step.state = h = early_exit.step(step.t, step.prev, step.state)
-            if early_exit.all_done():
+            if stop_early and early_exit.all_done():
                 break
         return h
 
@@ -308,12 +320,24 @@ class LoopedLM(nn.Module):
         return loss_loop_indices(loss_on or self.loop_cfg.loss_on, n, k)
 
     def _context(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None, cache: KVCache | None,
-                 loops: int) -> _Context:
+                 loops: int, attention_mask: torch.Tensor | None = None) -> _Context:
         B, T = tokens.shape
         start = cache.pos if cache is not None else 0
+        head_dim, dtype = self.cfg.d_model // self.cfg.n_heads, self.embed.weight.dtype
+        if attention_mask is not None:  # padded prompts: per-row positions, padded keys masked
+            if doc_ids is not None or tuple(attention_mask.shape) != (B, start + T):
+                raise ValueError(f"attention_mask must be [batch, cached + new] = [{B}, {start + T}] (and not "
+                                 f"with doc_ids), got {tuple(attention_mask.shape)}")
+            real = attention_mask.to(device=tokens.device, dtype=torch.bool)
+            positions = (real.long().cumsum(1) - 1).clamp_min(0)[:, start:]  # [B, T]
+            cos, sin = rotary_tables(positions.reshape(-1), head_dim, self.cfg.rope_theta, dtype)
+            rope = (cos.view(B, 1, T, -1), sin.view(B, 1, T, -1))
+            q_at = torch.arange(start, start + T, device=tokens.device)[:, None]
+            k_at = torch.arange(start + T, device=tokens.device)[None, :]
+            mask = ((real[:, None, None, :] & (k_at <= q_at)) | (k_at == q_at))  # [B, 1, T, start + T]
+            return _Context(rope=rope, positions=positions, mask=mask, cache=cache, loops=loops)
         positions = torch.arange(start, start + T, device=tokens.device)
-        rope = rotary_tables(positions, self.cfg.d_model // self.cfg.n_heads, self.cfg.rope_theta,
-                             self.embed.weight.dtype)
+        rope = rotary_tables(positions, head_dim, self.cfg.rope_theta, dtype)
         mask = None
         if doc_ids is not None:  # attend only within the same document (packed sequences)
             causal = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()
@@ -363,7 +387,7 @@ class LoopedLM(nn.Module):
                 self._noise_gen = torch.Generator(device=e.device).manual_seed(self._noise_seed)
             noise = torch.empty(e.shape, device=e.device, dtype=torch.float32)
             return nn.init.trunc_normal_(noise, std=std, a=-3 * std, b=3 * std, generator=self._noise_gen)
-        need = int(ctx.positions[-1]) + 1
+        need = int(ctx.positions.max()) + 1
         if self._eval_noise.shape[0] < need:  # one seeded row per position: extending keeps earlier rows
             rows = [self._eval_noise]
             for p in range(self._eval_noise.shape[0], need):

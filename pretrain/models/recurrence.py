@@ -57,14 +57,14 @@ class Recurrence(nn.Module):
     internal recall, h_0 (state_init) and the outer norm. Parameters live in submodules called through forward
     (so ZeRO-3 gathers them); the parameter names (`injection.*`) are the checkpoints'."""
 
-    def __init__(self, sw: Switches, d: int, n_core: int, init_std: float, dtype: torch.dtype):
+    def __init__(self, sw: Switches, d: int, n_core: int, init_std: float, dtype: torch.dtype, eps: float):
         super().__init__()
-        self.sw, self.n_core = sw, n_core
+        self.sw, self.n_core, self.eps = sw, n_core, eps
         self.exit_norm: nn.Module | None = None  # the model's `outer_norm`, bound by `bind_exit`
-        self.entry_norm = RMSNorm(d, sw.norm_affine, dtype) if sw.entry_norm else None
+        self.entry_norm = RMSNorm(d, sw.norm_affine, dtype, eps) if sw.entry_norm else None
         self.create(d, init_std, dtype)  # the family's parameters: after the entry norm, before the layer hooks
         if sw.state_inject == "stream_all":
-            self.stream_norms = nn.ModuleList(RMSNorm(d, sw.norm_affine, dtype) for _ in range(n_core))
+            self.stream_norms = nn.ModuleList(RMSNorm(d, sw.norm_affine, dtype, eps) for _ in range(n_core))
 
     def create(self, d: int, init_std: float, dtype: torch.dtype) -> None:
         """Create the family's own parameters (none by default)."""
@@ -202,7 +202,7 @@ class Parcae(Recurrence):
     """`parcae`: e = RMSNorm(Prelude(E x)) (learnable scale); h_t = B(exp(delta A) h_{t-1} + delta B e)."""
 
     def create(self, d, init_std, dtype):
-        self.e_norm = RMSNorm(d, True, dtype)
+        self.e_norm = RMSNorm(d, True, dtype, self.eps)
         self.parcae = ParcaeMap(d, dtype)
 
     def prepare(self, e):
@@ -246,5 +246,6 @@ def family(sw: Switches) -> str:
     return "restart" if sw.restart else sw.injection
 
 
-def build_recurrence(sw: Switches, d: int, n_core: int, init_std: float, dtype: torch.dtype) -> Recurrence:
-    return REGISTRY[family(sw)](sw, d, n_core, init_std, dtype)
+def build_recurrence(sw: Switches, d: int, n_core: int, init_std: float, dtype: torch.dtype,
+                     eps: float) -> Recurrence:
+    return REGISTRY[family(sw)](sw, d, n_core, init_std, dtype, eps)
