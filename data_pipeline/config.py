@@ -11,9 +11,15 @@ from loopstack.typed_config import param
 
 @dataclass
 class TokenizerConfig:
-    """How `loopstack data train-tokenizer` trains a sentencepiece model (and where runs find it)."""
+    """How `loopstack data train-tokenizer` trains a sentencepiece model (and where runs find it). `kind: hf` uses a
+    Hugging Face tokenizer as it is (never trained here; the training settings below do not apply)."""
 
-    dir: str = param("data/tokenizer", help="directory holding tokenizer.model + tokenizer.json")
+    kind: Literal["sentencepiece", "hf"] = param(
+        "sentencepiece", help="sentencepiece (trained here) or hf (a Hugging Face tokenizer.json, e.g. an imported "
+                              "model's)")
+    dir: str = param("data/tokenizer", help="sentencepiece: directory holding tokenizer.model + tokenizer.json; hf: "
+                                            "directory holding the HF tokenizer.json (+ tokenizer_config.json), or "
+                                            "that file")
     model_type: Literal["bpe", "unigram"] = param("bpe", help="sentencepiece algorithm")
     vocab_size: int = param(8192, min=64, max=1 << 20, help="vocabulary size incl. special tokens")
     max_sentences: int = param(2_000_000, min=1,

@@ -136,9 +136,13 @@ def _same_data(manifest: dict, header: dict) -> bool:
     return all(manifest.get(k) == header[k] for k in ("format", "tokenizer", "dtype", "settings", "inputs"))
 
 
-def _copy_tokenizer(tok_dir: Path, out: Path) -> None:
-    """A copy of the tokenizer beside the shards: the directory decodes without the run's config."""
+def _copy_tokenizer(tok: Tokenizer, tok_dir: Path, out: Path) -> None:
+    """A copy of the tokenizer beside the shards: the directory decodes without the run's config (a Hugging Face
+    tokenizer's files are copied as they are; `load_tokenizer(dir, "auto")` tells the kinds apart)."""
     dest = out / "tokenizer"
+    if tok.kind == "hf":
+        tok.copy_to(dest)
+        return
     dest.mkdir(parents=True, exist_ok=True)
     for name in (MODEL_FILE, META_FILE):
         src_bytes = (tok_dir / name).read_bytes()
@@ -222,7 +226,8 @@ def _run(ctx: Context, todo: list[int], workers: int, verbose: bool) -> list[dic
 
 def prepare(sources: list[str], tokenizer_dir: str | os.PathLike, out: str | os.PathLike, *,
             text_field: str = "text", workers: int = 0, shard_mb: float = 64.0, max_doc_mb: float = 64.0,
-            bad_documents: str = "skip", slice: tuple[int, int] | None = None, verbose: bool = True) -> dict:
+            bad_documents: str = "skip", slice: tuple[int, int] | None = None, verbose: bool = True,
+            tokenizer_kind: str = "sentencepiece") -> dict:
     """Tokenize `sources` into shards under `out`; returns the manifest (or the slice manifest)."""
     if not sources:
         raise UserError("no sources: pass --source (e.g. --source stdlib) or set data.sources")
@@ -230,7 +235,10 @@ def prepare(sources: list[str], tokenizer_dir: str | os.PathLike, out: str | os.
         raise UserError(f"data.bad_documents = {bad_documents!r}: expected 'skip' or 'error'")
     t0 = time.time()
     tok_dir, out = Path(tokenizer_dir), Path(out)
-    tok = load_tokenizer(tok_dir)
+    tok = load_tokenizer(tok_dir, tokenizer_kind)
+    if tok.eos_id < 0:
+        raise UserError(f"{tok_dir}: the tokenizer has no EOS token (documents end with EOS in the shards); name one "
+                        f"as eos_token in tokenizer_config.json")
     srcs = [parse_source(s, text_field) for s in sources]
     names = [s.name for s in srcs]
     if len(set(names)) != len(names):
@@ -251,7 +259,7 @@ def prepare(sources: list[str], tokenizer_dir: str | os.PathLike, out: str | os.
     lo, hi = (0, len(units)) if slice is None else (slice[0] * len(units) // slice[1],
                                                       (slice[0] + 1) * len(units) // slice[1])
     (out / WORK).mkdir(exist_ok=True)
-    _copy_tokenizer(tok_dir, out)
+    _copy_tokenizer(tok, tok_dir, out)
     keys = {u.index: _unit_key(header, u) for u in units[lo:hi]}
     receipts: dict[int, dict] = {}
     for u in range(lo, hi):
@@ -365,12 +373,16 @@ def file_lock(path: Path) -> Iterator[None]:
 def prepare_from_config(data_cfg, tok_cfg, *, slice: tuple[int, int] | None = None, verbose: bool = True) -> dict:
     return prepare(data_cfg.sources, tok_cfg.dir, data_cfg.out, text_field=data_cfg.text_field,
                    workers=data_cfg.workers, shard_mb=data_cfg.shard_mb, max_doc_mb=data_cfg.max_doc_mb,
-                   bad_documents=data_cfg.bad_documents, slice=slice, verbose=verbose)
+                   bad_documents=data_cfg.bad_documents, slice=slice, verbose=verbose,
+                   tokenizer_kind=tok_cfg.kind)
 
 
 def train_tokenizer_from_config(data_cfg, tok_cfg, verbose: bool = True) -> Tokenizer:
     from data_pipeline.tokenizer import train_tokenizer
 
+    if tok_cfg.kind == "hf":
+        raise UserError(f"tokenizer.kind = hf: a Hugging Face tokenizer is used as it is, not trained here; point "
+                        f"tokenizer.dir at its tokenizer.json (now {tok_cfg.dir})")
     return train_tokenizer(data_cfg.sources, tok_cfg.dir, vocab_size=tok_cfg.vocab_size,
                            text_field=data_cfg.text_field, model_type=tok_cfg.model_type,
                            max_sentences=tok_cfg.max_sentences, byte_fallback=tok_cfg.byte_fallback,
@@ -398,16 +410,21 @@ def ensure_dataset(data_cfg, tok_cfg) -> list[str]:
     """
     train = list(data_cfg.train) or [data_cfg.out]
     tok_dir, out = Path(tok_cfg.dir), Path(data_cfg.out)
+    kind = tok_cfg.kind
     if data_cfg.sources:
-        if not tokenizer_exists(tok_dir):
+        if kind == "hf":
+            load_tokenizer(tok_dir, kind)  # never trained here: a missing one is an error now
+        elif not tokenizer_exists(tok_dir):
             with file_lock(tok_dir.parent / f".{tok_dir.name}.lock"):
                 if not tokenizer_exists(tok_dir):
                     train_tokenizer_from_config(data_cfg, tok_cfg)
-        tok_sha = load_tokenizer(tok_dir).sha256
+        tok_sha = load_tokenizer(tok_dir, kind).sha256
         if not _prepared_from(out, data_cfg, tok_sha):
             with file_lock(out / ".lock"):
                 if not _prepared_from(out, data_cfg, tok_sha):
                     prepare_from_config(data_cfg, tok_cfg)
+    elif kind == "hf":
+        load_tokenizer(tok_dir, kind)
     elif not tokenizer_exists(tok_dir):
         raise UserError(f"tokenizer.dir = {tok_dir} has no tokenizer and data.sources is empty: set data.sources "
                         f"or run `loopstack data train-tokenizer`")

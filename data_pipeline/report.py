@@ -49,7 +49,7 @@ def inspect(directory: str | os.PathLike, samples: int = 1, chars: int = 400, se
         lines.append(f"document length (tokens{scope}): mean {lengths.mean():,.0f}, median "
                      f"{int(np.median(lengths)):,}, max {lengths.max():,}")
         lines += _histogram(lengths)
-    tok = load_tokenizer(tok_dir) if (tok_dir / "tokenizer.json").is_file() else None
+    tok = load_tokenizer(tok_dir, "auto") if (tok_dir / "tokenizer.json").is_file() else None
     rng = np.random.default_rng(seed)
     starts = np.cumsum([0] + [s["documents"] for s in m["shards"]])
     picks = rng.choice(m["documents"], size=min(samples, m["documents"]), replace=False) if m["documents"] else []

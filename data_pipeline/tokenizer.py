@@ -1,4 +1,5 @@
-"""Sentencepiece tokenizers: training from any source, loading, and the sha256 that names them.
+"""Tokenizers: sentencepiece (trained here, from any source) and Hugging Face (`tokenizers`), loading, and the
+sha256 that names them.
 
 A tokenizer directory holds `tokenizer.model` (the sentencepiece proto) and `tokenizer.json` (vocab
 size, special ids, sha256 of the .model file, how it was trained). The sidecar is written last, so a
@@ -10,6 +11,17 @@ whitespace collapsing, no dummy prefix, byte fallback for anything outside the v
 whitespace-only pieces (indentation becomes one or two tokens). Newlines stay ordinary characters
 (pieces like `):\\n` form), so no user-defined symbols are needed. One sentencepiece limit remains: a
 literal U+2581 (the piece-space mark) in the input decodes as a space.
+
+Hugging Face tokenizers (`tokenizer.kind: hf`, e.g. the tokenizer of a model imported with `loopstack convert hf`)
+are used as they are, never trained here: `tokenizer.dir` is a directory holding the HF `tokenizer.json` (plus
+`tokenizer_config.json` / `special_tokens_map.json`, which name the special tokens), or the path of such a
+`tokenizer.json` file. Its sha256 is that of the `tokenizer.json` bytes. Note the name clash: the sentencepiece
+sidecar is also called `tokenizer.json`; `tokenizer.kind` decides which one a directory holds (`kind="auto"`, for
+copies beside prepared shards, looks at the file). `HFTokenizer` has the interface of `Tokenizer`; `encode` adds no
+special tokens (no BOS from the HF post-processor), so a document is framed as with sentencepiece: its tokens, then
+EOS (appended by `data prepare`). As with sentencepiece, the text of a special token inside a document ("</s>",
+"<|endoftext|>") is encoded as ordinary text, never as the special id (HF's `split_special_tokens=True`): a document
+cannot end early or smuggle in control tokens. Special ids absent from the vocabulary are -1.
 """
 
 from __future__ import annotations
@@ -30,11 +42,16 @@ from loopstack.fileio import atomic_write
 MODEL_FILE = "tokenizer.model"
 META_FILE = "tokenizer.json"
 SPECIAL_IDS = {"pad_id": 0, "bos_id": 1, "eos_id": 2, "unk_id": 3}
+HF_FILE = "tokenizer.json"  # the Hugging Face tokenizer (same name as the sentencepiece sidecar: the kind decides)
+HF_CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")  # where HF names bos/eos/pad/unk
+KINDS = ("sentencepiece", "hf")
 SENTENCE_CHARS = 1024  # training sentences: documents cut at line ends into pieces this long
 
 
 class Tokenizer:
     """A loaded sentencepiece model with its identity (sha256) and special ids."""
+
+    kind = "sentencepiece"
 
     def __init__(self, model_bytes: bytes, path: str | None = None):
         self.sp = spm.SentencePieceProcessor(model_proto=model_bytes)
@@ -64,9 +81,131 @@ class Tokenizer:
                 "eos_id": self.eos_id, "unk_id": self.unk_id}
 
 
-def tokenizer_exists(directory: str | os.PathLike) -> bool:
+class HFTokenizer:
+    """A Hugging Face `tokenizers` tokenizer with the interface of `Tokenizer` (what prepare, the loader, training
+    and generation use). `files` maps file name -> bytes of everything that defines it (tokenizer.json and the
+    special-token configs): forked `prepare` workers inherit the object, and `copy_to` writes the same files."""
+
+    kind = "hf"
+
+    def __init__(self, files: dict[str, bytes], path: str | None = None, origin: str = HF_FILE):
+        from tokenizers import Tokenizer as RustTokenizer
+
+        self.files = files
+        json_bytes = files[HF_FILE]
+        try:
+            self.tk = RustTokenizer.from_str(json_bytes.decode())
+        except Exception as err:  # noqa: BLE001 - tokenizers raises plain Exception on bad JSON
+            raise UserError(f"{origin}: not a Hugging Face tokenizer.json ({str(err).splitlines()[0][:200]})") \
+                from None
+        self.tk.encode_special_tokens = True  # text is text: a literal "</s>" in a document is not EOS
+        self.sha256 = hashlib.sha256(json_bytes).hexdigest()
+        self.model_bytes = json_bytes
+        self.path = path
+        self.vocab_size = self.tk.get_vocab_size(with_added_tokens=True)
+        special = _hf_special_tokens(files, origin, self.tk)
+        ids = {name: self.tk.token_to_id(tok) if tok is not None else None for name, tok in special.items()}
+        self.pad_id, self.bos_id, self.eos_id, self.unk_id = (
+            -1 if ids[k] is None else int(ids[k]) for k in ("pad", "bos", "eos", "unk"))
+
+    @property
+    def dtype(self) -> str:
+        """Token dtype of the shards: uint16 when every id fits."""
+        return "uint16" if self.vocab_size <= 1 << 16 else "uint32"
+
+    def encode(self, text: str) -> list[int]:
+        return self.tk.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str], num_threads: int = 1) -> list[list[int]]:
+        """num_threads 1 encodes one by one in this thread (each `prepare` worker is one process: no rayon pool
+        per worker); more uses the library's own thread pool (its size is RAYON_NUM_THREADS, not per call)."""
+        if num_threads <= 1:
+            return [self.tk.encode(t, add_special_tokens=False).ids for t in texts]
+        return [e.ids for e in self.tk.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Special tokens (BOS, EOS, padding) decode to nothing, as with sentencepiece."""
+        return self.tk.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def meta(self) -> dict:
+        return {"kind": "hf", "sha256": self.sha256, "vocab_size": self.vocab_size, "pad_id": self.pad_id,
+                "bos_id": self.bos_id, "eos_id": self.eos_id, "unk_id": self.unk_id}
+
+    def copy_to(self, directory: str | os.PathLike) -> None:
+        """Write the defining files into `directory` (unchanged files are left alone)."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        for name, data in self.files.items():
+            if not (d / name).is_file() or (d / name).read_bytes() != data:
+                atomic_write(d / name, data)
+
+
+def _token_content(value) -> str | None:
+    """A special token as tokenizer_config.json / special_tokens_map.json write it: a string or {"content": ...}."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _hf_special_tokens(files: dict[str, bytes], origin: str, tk) -> dict[str, str | None]:
+    """bos/eos/pad/unk token strings: special_tokens_map.json over tokenizer_config.json, and the BPE/WordPiece/
+    Unigram model's own unk token when neither names one."""
+    found: dict[str, str | None] = {"pad": None, "bos": None, "eos": None, "unk": None}
+    for name in HF_CONFIG_FILES:  # special_tokens_map.json last: it wins
+        if name not in files:
+            continue
+        try:
+            cfg = json.loads(files[name])
+        except ValueError as err:
+            raise UserError(f"{Path(origin).parent / name}: invalid JSON ({err})") from None
+        if not isinstance(cfg, dict):
+            raise UserError(f"{Path(origin).parent / name}: expected a JSON object")
+        for key in found:
+            tok = _token_content(cfg.get(f"{key}_token"))
+            if tok is not None:
+                found[key] = tok
+    if found["unk"] is None:
+        found["unk"] = getattr(tk.model, "unk_token", None) if hasattr(tk, "model") else None
+    return found
+
+
+def _hf_json_path(path: Path) -> Path:
+    """The HF tokenizer.json that `tokenizer.dir` names: the file itself or `<dir>/tokenizer.json`."""
+    return path if path.suffix == ".json" and not path.is_dir() else path / HF_FILE
+
+
+def _looks_hf(json_path: Path) -> bool:
+    """Is this tokenizer.json a Hugging Face tokenizer (it has a `model`) rather than a sentencepiece sidecar?"""
+    try:
+        data = json.loads(json_path.read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "model" in data and "sha256" not in data
+
+
+def tokenizer_exists(directory: str | os.PathLike, kind: str = "sentencepiece") -> bool:
     d = Path(directory)
+    if kind == "hf":
+        return _hf_json_path(d).is_file()
     return (d / MODEL_FILE).is_file() and (d / META_FILE).is_file()
+
+
+def load_hf_tokenizer(path: str | os.PathLike) -> HFTokenizer:
+    """The Hugging Face tokenizer at `path` (a directory with tokenizer.json, or the file); a missing or invalid
+    one is a one-line UserError."""
+    p = Path(path)
+    json_path = _hf_json_path(p)
+    if not json_path.is_file():
+        raise UserError(f"{p}: no Hugging Face {HF_FILE} (tokenizer.kind: hf wants a directory holding "
+                        f"{HF_FILE} or the path of that file)")
+    try:
+        files = {HF_FILE: json_path.read_bytes()}
+        for name in HF_CONFIG_FILES:
+            if (json_path.parent / name).is_file():
+                files[name] = (json_path.parent / name).read_bytes()
+    except OSError as err:
+        raise UserError(f"{p}: cannot read tokenizer ({err})") from None
+    return HFTokenizer(files, str(p), str(json_path))
 
 
 def save_tokenizer(model_bytes: bytes, directory: str | os.PathLike, info: dict | None = None) -> Tokenizer:
@@ -80,9 +219,18 @@ def save_tokenizer(model_bytes: bytes, directory: str | os.PathLike, info: dict 
     return tok
 
 
-def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
-    """The tokenizer in `directory`; a missing, partial or mismatched one is a UserError."""
+def load_tokenizer(directory: str | os.PathLike, kind: str = "sentencepiece") -> Tokenizer | HFTokenizer:
+    """The tokenizer in `directory` (`tokenizer.kind`: sentencepiece or hf; "auto" looks at the files, for the
+    copies `data prepare` leaves beside its shards); a missing, partial or mismatched one is a UserError."""
     d = Path(directory)
+    if kind == "auto":
+        kind = "hf" if _looks_hf(_hf_json_path(d)) else "sentencepiece"
+    if kind == "hf":
+        return load_hf_tokenizer(d)
+    if kind != "sentencepiece":
+        raise UserError(f"tokenizer.kind = {kind!r}: expected one of {', '.join(KINDS)}")
+    if not tokenizer_exists(d) and _looks_hf(_hf_json_path(d)):
+        raise UserError(f"{d}: holds a Hugging Face {HF_FILE}, not a sentencepiece model: set tokenizer.kind: hf")
     if not tokenizer_exists(d):
         raise UserError(f"{d}: no tokenizer ({MODEL_FILE} + {META_FILE}); run `loopstack data train-tokenizer`")
     try:
@@ -94,6 +242,9 @@ def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
         tok = Tokenizer(model_bytes, str(d))
     except RuntimeError as err:
         raise UserError(f"{d / MODEL_FILE}: not a sentencepiece model ({err})") from None
+    if meta.get("sha256") is None and "model" in meta:
+        raise UserError(f"{d / META_FILE}: a Hugging Face tokenizer.json beside {MODEL_FILE}; set tokenizer.kind: "
+                        f"hf to use it (or remove it to use the sentencepiece model)")
     if meta.get("sha256") != tok.sha256:
         raise UserError(f"{d / MODEL_FILE}: sha256 {tok.sha256[:12]} differs from {META_FILE} "
                         f"({str(meta.get('sha256'))[:12]}): the model was replaced or is corrupt")

@@ -140,7 +140,7 @@ class DataJob:
 
         prepare_text, merge_text = self.render_prepare(), self.render_merge()
         tok = self.cfg.tokenizer.dir
-        if not tokenizer_exists(self.workdir / tok):
+        if not tokenizer_exists(self.workdir / tok, self.cfg.tokenizer.kind):
             raise UserError(f"tokenizer.dir {tok}: no trained tokenizer there; train it once before the array: "
                             f"loopstack data train-tokenizer --config CONFIG")
         self._cancel_stale_merge()
