@@ -26,6 +26,8 @@ from pretrain.models.config import LoopConfig, ModelConfig
 @dataclass
 class TrainConfig:
     steps: int = param(100, min=0, help="optimizer steps")
+    init_from: str = param("", help="start from the weights of this run or checkpoint directory (a fresh optimizer, "
+                                    "step 0): uptrain a converted model (`loopstack convert hf`) or another run")
     micro_batch: int = param(8, min=1, help="sequences per data-parallel rank per micro step")
     grad_accum: int = param(1, min=1, help="micro steps per optimizer step")
     lr: float = param(3e-4, min=0.0, help="peak learning rate (AdamW params)")

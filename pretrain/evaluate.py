@@ -20,7 +20,9 @@ from pretrain.batches import model_inputs
 
 @torch.no_grad()
 def loss_vs_loops(model: torch.nn.Module, make_data: Callable, loops: list[int], batches: int,
-                  device: torch.device, dp_group=None) -> dict[int, float]:
+                  device: torch.device, dp_group=None,
+                  progress: Callable[[int, int, float], None] | None = None) -> dict[int, float]:
+    """Mean eval loss at each loop count (the same sequences for each); `progress(i, loops, loss)` after the i-th."""
     was_training = model.training
     model.eval()
     result = {}
@@ -37,6 +39,8 @@ def loss_vs_loops(model: torch.nn.Module, make_data: Callable, loops: list[int],
                 dist.all_reduce(total, group=dp_group)
                 total /= dist.get_world_size(dp_group)
             result[n] = total.item()
+            if progress is not None:
+                progress(len(result), n, result[n])
     finally:
         model.train(was_training)
     return result

@@ -125,11 +125,7 @@ def _tokenizer_dir(cfg: RunConfig, run_dir: Path) -> str:
 def load_tokenizer_for(cfg: RunConfig, run_dir: Path):
     from data_pipeline import tokenizer as tk
 
-    directory = _tokenizer_dir(cfg, run_dir)
-    kind = getattr(cfg.tokenizer, "kind", "sentencepiece")
-    if kind == "sentencepiece":
-        return tk.load_tokenizer(directory)
-    return tk.load_tokenizer(directory, kind=kind)
+    return tk.load_tokenizer(_tokenizer_dir(cfg, run_dir), cfg.tokenizer.kind)
 
 
 def load_run(source: str | os.PathLike, *, step: int | None = None, dtype: str | None = None,
@@ -156,7 +152,7 @@ def load_run(source: str | os.PathLike, *, step: int | None = None, dtype: str |
     model = build_model(cfg.model, cfg.loop, model_vocab_size(cfg, tokenizer), device=device)
     check_fits(info, model, 1, saved, tokenizer.sha256, cfg.tokenizer.dir)
     load_model_weights(model, info, 0, 1, dtype=DTYPES[dtype or cfg.train.dtype])
-    noise = _noise_state(info)
+    noise = noise_state(info)
     if noise is not None:
         model.load_noise_state(noise)
     model.eval()
@@ -180,7 +176,7 @@ def init_single_process(seed: int) -> None:
     raise UserError("load_run runs in one process (not under torchrun with several ranks)")
 
 
-def _noise_state(info: ckpt.CheckpointInfo) -> dict | None:
+def noise_state(info: ckpt.CheckpointInfo) -> dict | None:
     """The random-h_0 stream the model was trained with: rank 0's trainer state, or the seed a whole-weights
     checkpoint records."""
     if info.meta.get("noise_seed") is not None:

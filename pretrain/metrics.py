@@ -97,7 +97,7 @@ class MetricsLogger:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self._wandb is not None:
-            self._wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
+            self._wandb.log(wandb_scalars(record), step=record["step"])
 
     def progress(self, step: int, record: dict[str, Any], elapsed: float, steps_done: int) -> None:
         """One console line: step, loss, lr, tokens/s, ETA."""
@@ -122,6 +122,22 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+
+
+def wandb_scalars(record: dict[str, Any]) -> dict[str, float]:
+    """The numbers of a metrics record as wandb scalars: per-loop lists (`diag/state_norm` = [loop 1, loop 2, ...])
+    become one series per loop, `diag/state_norm@1`, `diag/state_norm@2`, ...; dicts of numbers `key/name`."""
+    out: dict[str, float] = {}
+    for k, v in record.items():
+        if isinstance(v, bool):
+            continue
+        if isinstance(v, (int, float)):
+            out[k] = v
+        elif isinstance(v, (list, tuple)):
+            out.update({f"{k}@{i}": x for i, x in enumerate(v, 1) if isinstance(x, (int, float))})
+        elif isinstance(v, dict):
+            out.update({f"{k}/{name}": x for name, x in v.items() if isinstance(x, (int, float))})
+    return out
 
 
 def _plain(v: Any) -> Any:

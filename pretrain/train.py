@@ -140,7 +140,7 @@ class Trainer:
         from data_pipeline.tokenizer import load_tokenizer
 
         cfg, env = self.cfg, self.env
-        self.tokenizer = load_tokenizer(cfg.tokenizer.dir)
+        self.tokenizer = load_tokenizer(cfg.tokenizer.dir, cfg.tokenizer.kind)
         self.train_dirs = cfg.data.train or [cfg.data.out]
         self.train_data = PackedDataset(
             self.train_dirs, cfg.data.seq_len, micro_batch=cfg.train.micro_batch, dp_rank=env.dp_rank,
@@ -161,7 +161,27 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # identical init on every rank (megatron splits the master weights)
         model = build_model(cfg.model, cfg.loop, self.vocab_size,
                             activation_checkpointing=cfg.parallel.activation_checkpointing)
+        if cfg.train.init_from:
+            self._init_weights_from(model, cfg.train.init_from)
         self.engine = build_engine(model, cfg, self.env, param_roles(model))
+
+    def _init_weights_from(self, model: torch.nn.Module, source: str) -> None:
+        """`train.init_from`: start from another run's (or a converted model's) weights, with a fresh optimizer and
+        step 0 (uptraining). The weights are read as `pretrain.inference.load_run` reads them (any TP size or
+        ZeRO stage, resplit for this run's TP), checked against this run's model (names, whole shapes, tokenizer)
+        first; the random-h_0 seed comes along. A resumed run restores its own checkpoint over them."""
+        from pretrain.inference import find_checkpoint, noise_state
+        from pretrain.weights import load_model_weights
+
+        say = print if self.env.is_main else (lambda text: None)
+        with user_errors_agreed():
+            _, info = find_checkpoint(source, warn=say)
+            check_fits(info, model, self.env.tp, to_dict(self.cfg), self.tokenizer.sha256, self.cfg.tokenizer.dir)
+            load_model_weights(model, info, self.env.tp_rank, self.env.tp)
+            noise = noise_state(info)
+        if noise is not None:
+            model.load_noise_state(noise)
+        say(f"init_from: weights of {info.path} (step {info.step})")
 
     # --- resume / checkpoint ------------------------------------------------------------------------
 
@@ -401,17 +421,18 @@ class Trainer:
                          f"skipped")
 
     def evaluate(self) -> dict[int, float]:
-        return evaluate_model(self.engine.module, self.cfg, self.env, self.eval_data, self.run_dir, self.state.step,
-                              self.log.message)
+        """Loss vs loops on the eval stream: eval/<step>.json, and `eval/loss@<loops>` in metrics.jsonl and wandb."""
+        result = evaluate_model(self.engine.module, self.cfg, self.env, self.eval_data, self.run_dir,
+                                self.state.step, self.log.message)
+        self.log.log({"step": self.state.step, **{f"eval/loss@{k}": v for k, v in result.items()}})
+        return result
 
 
 def vocab_size(cfg: RunConfig, tokenizer) -> int:
-    """The model's vocabulary: model.vocab_size, else the tokenizer's (never smaller than the tokenizer's)."""
-    size = cfg.model.vocab_size or tokenizer.vocab_size
-    if size < tokenizer.vocab_size:
-        raise UserError(f"model.vocab_size = {size} is smaller than the tokenizer's {tokenizer.vocab_size} "
-                        f"({cfg.tokenizer.dir})")
-    return size
+    """The model's vocabulary (`pretrain.inference.model_vocab_size`)."""
+    from pretrain.inference import model_vocab_size
+
+    return model_vocab_size(cfg, tokenizer)
 
 
 def eval_data(cfg: RunConfig, env: DistEnv, tokenizer_sha256: str):
@@ -431,7 +452,14 @@ def evaluate_model(module: torch.nn.Module, cfg: RunConfig, env: DistEnv, make_d
     from pretrain.evaluate import loss_vs_loops, write_eval
 
     loops = cfg.eval.loops or sorted({1, cfg.model.loops, 2 * cfg.model.loops})
-    result = loss_vs_loops(module, make_data, loops, cfg.eval.batches, env.device, _dp_group())
+    started = time.perf_counter()
+
+    def progress(i: int, n: int, loss: float) -> None:
+        if env.is_main and len(loops) > 1:
+            message(f"eval step {step}: loops={n} loss {loss:.4f} ({i}/{len(loops)}, "
+                    f"{time.perf_counter() - started:.1f} s)")
+
+    result = loss_vs_loops(module, make_data, loops, cfg.eval.batches, env.device, _dp_group(), progress)
     if env.is_main:
         path = write_eval(run_dir, step, result)
         table = "  ".join(f"loops={k}: {v:.4f}" for k, v in result.items())
@@ -460,6 +488,7 @@ def evaluate_run(cfg: RunConfig, run_dir: Path, checkpoint: str = "auto") -> int
     `pretrain.weights.load_model_weights` (in the run's dtype); nothing of the run but eval/ and plots/ is
     written. Under torchrun each TP rank loads its shards and DP ranks average, as in training."""
     from data_pipeline.tokenizer import load_tokenizer
+    from pretrain.inference import noise_state
     from pretrain.models import build_model
     from pretrain.plots import plot_run
     from pretrain.weights import load_model_weights
@@ -468,7 +497,7 @@ def evaluate_run(cfg: RunConfig, run_dir: Path, checkpoint: str = "auto") -> int
     env = init_distributed(tp=cfg.parallel.tp, seed=cfg.seed)
     say = print if env.is_main else (lambda text: None)
     try:
-        tokenizer = load_tokenizer(cfg.tokenizer.dir)
+        tokenizer = load_tokenizer(cfg.tokenizer.dir, cfg.tokenizer.kind)
         vocab = vocab_size(cfg, tokenizer)
         torch.manual_seed(cfg.seed)  # as the trainer builds it (the h_0 noise seed comes from the checkpoint)
         model = build_model(cfg.model, cfg.loop, vocab, activation_checkpointing=cfg.parallel.activation_checkpointing,
@@ -480,7 +509,7 @@ def evaluate_run(cfg: RunConfig, run_dir: Path, checkpoint: str = "auto") -> int
             check_fits(info, model, env.tp, to_dict(cfg), tokenizer.sha256, cfg.tokenizer.dir)
             load_model_weights(model, info, env.tp_rank, env.tp,
                                dtype=torch.bfloat16 if cfg.train.dtype == "bf16" else None)
-            noise = ckpt.load_rank_state(info, 0).get("model_noise")  # the same on every rank
+            noise = noise_state(info)  # the same on every rank (a converted model's: its recorded seed)
             if noise is not None:
                 model.load_noise_state(noise)
         evaluate_model(model, cfg, env, lambda: eval_data(cfg, env, tokenizer.sha256), run_dir, info.step, say)

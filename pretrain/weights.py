@@ -17,8 +17,11 @@ Where the weights come from, first that applies:
    TP size changed. A bf16 run's parameters are cast to bf16 as DeepSpeed casts its module (parameters only,
    round to nearest): the low-precision weights a ZeRO 1-3 engine holds are that same cast of its fp32 masters,
    so eval measures the model the trainer held, not its fp32 masters.
-4. Otherwise (ZeRO-3 with `checkpoint.elastic: false`, whose weights exist only as DeepSpeed's flat optimizer
-   partitions) a one-line UserError naming what is missing.
+4. ZeRO-3 with `checkpoint.elastic: false`: the weights exist only as DeepSpeed's flat fp32 partitions in each
+   data-parallel rank's `zero_pp_rank_<d>_mp_rank_<r>_optim_states.pt`; they are put back together the way
+   DeepSpeed's `zero_to_fp32` does (parameter by parameter in the order of the `param_shapes` the model-states file
+   records, each padded to a multiple of the DP size and split evenly), read with the weights-only loader.
+5. Otherwise a one-line UserError naming what is missing.
 
 Every file is read with `pretrain.checkpoint.load_file` (weights only; a damaged or unsafe file is one line).
 The parameter names and whole shapes are checked against the checkpoint's record first (`check_fits`, the same
@@ -28,11 +31,13 @@ check and message the trainer's resume gives).
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from loopstack.errors import UserError
@@ -100,9 +105,53 @@ def weight_source(info: ckpt.CheckpointInfo, tp: int) -> str:
         return "module"
     if any(info.path.glob(parts_glob(0))):
         return "elastic"
-    raise UserError(f"{info.path}: no weights loopstack can read without DeepSpeed's engine: a ZeRO-3 checkpoint "
-                    f"written with checkpoint.elastic: false keeps them only in DeepSpeed's optimizer partitions "
-                    f"(zero_pp_rank_*_optim_states.pt); use a checkpoint written with checkpoint.elastic: true")
+    if saved_stage == 3 and any(info.path.glob(_zero3_glob(0, "optim"))):
+        return "zero3"
+    raise UserError(f"{info.path}: no weights loopstack can read: none of {WHOLE_FILE}, {module_file(0)} (ZeRO 0-2), "
+                    f"{parts_glob(0)} or {_zero3_glob(0, 'optim')} (ZeRO-3)")
+
+
+def _zero3_glob(tp_rank: int, kind: str) -> str:
+    return f"zero_pp_rank_*_mp_rank_{tp_rank:02d}_{kind}_states.pt"
+
+
+def _zero3_rank_tensors(info: ckpt.CheckpointInfo, tp_rank: int) -> dict[str, torch.Tensor]:
+    """TP rank `tp_rank`'s whole fp32 weights from a ZeRO-3 checkpoint's flat optimizer partitions (module
+    docstring, source 4)."""
+    d = info.path
+    files = sorted(d.glob(_zero3_glob(tp_rank, "optim")), key=lambda p: int(p.name.split("_")[3]))
+    model_file = d / f"zero_pp_rank_0_mp_rank_{tp_rank:02d}_model_states.pt"
+    states = ckpt.load_file(model_file, mmap=True)
+    groups = states.get("param_shapes") if isinstance(states, dict) else None
+    if not isinstance(groups, list):
+        raise UserError(f"{model_file}: no param_shapes (not a DeepSpeed ZeRO-3 model-states file)")
+    shapes = {name: tuple(shape) for group in groups for name, shape in group.items()}
+    flats = []
+    for path in files:
+        state = ckpt.load_file(path, mmap=True).get("optimizer_state_dict", {})
+        if int(state.get("zero_stage", -1)) != 3 or "fp32_flat_groups" not in state:
+            raise UserError(f"{path}: not a ZeRO-3 optimizer partition (no fp32_flat_groups)")
+        flats.append(torch.cat([g.reshape(-1) for g in state["fp32_flat_groups"]]))
+    counts = {int(c) for c in np.atleast_1d(state.get("partition_count", len(files)))}
+    if counts != {len(files)}:
+        raise UserError(f"{d}: {len(files)} files {_zero3_glob(tp_rank, 'optim')} for {sorted(counts)} data-parallel "
+                        f"partitions (a file is missing)")
+    out, offset = {}, 0
+    for name, shape in shapes.items():
+        n = math.prod(shape)
+        part = math.ceil(n / len(flats))
+        out[name] = torch.cat([f[offset:offset + part] for f in flats])[:n].view(shape).clone()
+        offset += part
+    if offset != flats[0].numel():
+        raise UserError(f"{d}: ZeRO-3 partitions hold {flats[0].numel()} values per rank, the parameters "
+                        f"{offset}: written by a different model or DeepSpeed layout")
+    return out
+
+
+def _zero3_tensors(model: torch.nn.Module, info: ckpt.CheckpointInfo, tp_rank: int,
+                   tp: int) -> tuple[Path, dict[str, torch.Tensor]]:
+    shards = [_zero3_rank_tensors(info, r) for r in range(info.meta.get("tp", tp))]
+    return info.path / _zero3_glob(tp_rank, "optim"), _resplit(model, shards, tp_rank, tp)
 
 
 def _resplit(model: torch.nn.Module, shards: list[dict[str, torch.Tensor]], tp_rank: int,
@@ -171,9 +220,10 @@ def load_model_weights(model: torch.nn.Module, info: ckpt.CheckpointInfo, tp_ran
                        dtype: torch.dtype | None = None) -> str:
     """Fill `model` (built by `build_model` for this TP size; TP rank `tp_rank`) from the complete checkpoint
     `info`, then cast its parameters to `dtype` (the run's: bf16 runs) as DeepSpeed's engine casts its module.
-    Returns which source was used ("whole", "module" or "elastic"). Reads files only, no collective."""
+    Returns which source was used ("whole", "module", "elastic" or "zero3"). Reads files only, no collective."""
     source = weight_source(info, tp)
-    read = {"whole": _whole_tensors, "module": _module_tensors, "elastic": _elastic_tensors}[source]
+    read = {"whole": _whole_tensors, "module": _module_tensors, "elastic": _elastic_tensors,
+            "zero3": _zero3_tensors}[source]
     path, tensors = read(model, info, tp_rank, tp)
     params = dict(model.named_parameters())
     missing, unknown = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))

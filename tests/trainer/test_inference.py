@@ -103,3 +103,29 @@ def test_generate_cli(runs, tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"prompt": "a"}\n{"text": 1}\n')
     out = _cli("generate", str(run), "--prompt-file", str(tmp_path / "bad.jsonl"))
     assert out.returncode == 2 and f"{tmp_path / 'bad.jsonl'}:2: expected an object" in out.stderr
+
+
+def test_init_from_starts_a_run_from_another_runs_weights(smoke_data, tmp_path):
+    """`train.init_from`: a TP=2 ZeRO-1 run on 2 processes starts from a 1-process run's weights (resplit for
+    TP=2); with lr 0 its first checkpoint's whole fp32 masters are the source's weights exactly. A source whose
+    model does not fit is refused in one line naming the config difference."""
+    from pretrain.distributed import shutdown
+    from pretrain.inference import load_run
+    from tests.trainer.conftest import run_train
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    run_train(1, src, smoke_data + ["train.steps=2", "checkpoint.every=2"])
+    out = run_train(2, dst, smoke_data + ["train.steps=1", "checkpoint.every=1", "train.lr=0", "parallel.tp=2",
+                                          "parallel.zero_stage=1", f"train.init_from={src}"])
+    assert f"init_from: weights of {src / 'checkpoints' / '2'} (step 2)" in out.stdout
+    try:
+        want = load_run(src).model.state_dict()
+        got = load_run(dst).model.state_dict()  # its two TP ranks' module files, merged
+    finally:
+        shutdown()
+    assert set(got) == set(want)
+    for name, value in want.items():
+        assert value is None or torch.equal(got[name], value), name
+    bad = run_train(1, tmp_path / "bad", smoke_data + ["train.steps=1", "model.d_model=128",
+                                                       f"train.init_from={src}"], expect=2)
+    assert "model.d_model: 64 -> 128" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr

@@ -109,10 +109,12 @@ def test_bf16_runs_on_cpu(smoke_data, tmp_path):
 
 def test_run_directory_layout(smoke_data, tmp_path):
     run = tmp_path / "layout"
-    run_train(1, run, smoke_data + ["train.steps=4", "logging.every=2", "checkpoint.every=2",
-                                    "checkpoint.keep_last=1", "eval.loops=[1,2]", "eval.batches=1"])
+    out = run_train(1, run, smoke_data + ["train.steps=4", "logging.every=2", "checkpoint.every=2",
+                                          "checkpoint.keep_last=1", "eval.loops=[1,2]", "eval.batches=1",
+                                          "logging.diagnostics_every=2"])
     assert (run / "config.yaml").exists()
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    records = [r for r in lines if "loss" in r]
     assert [r["step"] for r in records] == [2, 4]
     for key in ("step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "loops"):
         assert key in records[0], key
@@ -121,6 +123,17 @@ def test_run_directory_layout(smoke_data, tmp_path):
     assert kept == ["4"]  # keep_last=1, no temporary directory left
     ev = json.loads((run / "eval" / "latest.json").read_text())
     assert ev["step"] == 4 and set(ev["loss_vs_loops"]) == {"1", "2"}
+    # the eval reaches metrics.jsonl (and wandb) as eval/loss@<loops>, with progress on the console
+    [logged] = [r for r in lines if "eval/loss@1" in r]
+    assert logged == {"step": 4, "eval/loss@1": ev["loss_vs_loops"]["1"], "eval/loss@2": ev["loss_vs_loops"]["2"]}
+    assert "eval step 4: loops=2 loss" in out.stdout
+    # per-loop diagnostics become one wandb series per loop
+    from pretrain.metrics import wandb_scalars
+
+    scalars = wandb_scalars(records[0])
+    n = len(records[0]["diag/state_norm"])
+    assert n >= 1 and [scalars[f"diag/state_norm@{i}"] for i in range(1, n + 1)] == records[0]["diag/state_norm"]
+    assert scalars["loss"] == records[0]["loss"]
 
 
 @pytest.mark.parametrize("bad,needle", [
