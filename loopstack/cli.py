@@ -18,6 +18,7 @@ COMMANDS = [
     "loopstack.commands",  # config, env
     "data_pipeline.cli",  # data ...
     "pretrain.cli",  # train, eval
+    "pretrain.use_cli",  # generate, export, convert, harness
     "launch.cli",  # launch ...
 ]
 
