@@ -15,6 +15,8 @@ of 43 ids, ids 0-3 the usual pad/bos/eos/unk), so its sha256 is fixed and tasks 
 `tokenizer.dir` at DIR/tokenizer and `data.train` / `data.eval` at the splits. Each depth is its own
 shard and source (`depth-K`), so the manifests show the split and losses can be read per depth.
 Generation is seeded by (seed, task, split, depth): the same command writes the same bytes.
+`problems` hands out the same problems as (prompt up to `=`, answer) pairs for the answer-accuracy eval
+(`loopstack eval RUN --task TASK`, pretrain/taskeval.py).
 """
 
 from __future__ import annotations
@@ -73,6 +75,32 @@ def generate(task: str, depth: int, n: int, *, seed: int, split: str, size: int)
     return [GENERATORS[task](rng, depth, size) for _ in range(n)]
 
 
+def problems(task: str, depth: int, n: int, *, seed: int, size: int, split: str = "eval") -> list[tuple[str, str]]:
+    """`n` problems of one task and depth as (prompt, answer) pairs: the prompt ends with `=`, the answer is what
+    follows it. The same problems `generate` writes into that split (seeded by seed, task, split, depth), so the
+    eval split's problems beyond the trained depth are the ones `data synth` held out; `size` as resolved by
+    `task_size` (what the data's manifest records under settings.size)."""
+    if task not in TASKS:
+        raise UserError(f"task {task}: expected one of {', '.join(TASKS)}")
+    pairs = []
+    for doc in generate(task, depth, n, seed=seed, split=split, size=size):
+        cut = doc.rindex("=") + 1
+        pairs.append((doc[:cut], doc[cut:]))
+    return pairs
+
+
+def task_size(task: str, size: int, eval_depth: int) -> int:
+    """The problem size `synthesize` uses for `--size` (0 = default): khop letters (16, 2..26), prefix_sum
+    digits (16, at least `eval_depth`), parity none (depth is the length)."""
+    if task == "khop":
+        size = size or 16
+        if not 2 <= size <= 26:
+            raise UserError(f"--size {size}: khop needs 2..26 letters")
+    elif task == "prefix_sum":
+        size = max(size or 16, eval_depth)
+    return size
+
+
 def _write_split(out: Path, tok: Tokenizer, task: str, depths: list[int], counts: list[int], *, seed: int,
                  split: str, size: int) -> dict:
     out.mkdir(parents=True, exist_ok=True)
@@ -104,12 +132,7 @@ def synthesize(task: str, out: str | os.PathLike, *, train_depth: int = 4, eval_
         raise UserError(f"--task {task}: expected one of {', '.join(TASKS)}")
     if not 1 <= train_depth < eval_depth:
         raise UserError(f"need 1 <= --train-depth < --eval-depth (got {train_depth}, {eval_depth})")
-    if task == "khop":
-        size = size or 16
-        if not 2 <= size <= 26:
-            raise UserError(f"--size {size}: khop needs 2..26 letters")
-    elif task == "prefix_sum":
-        size = max(size or 16, eval_depth)
+    size = task_size(task, size, eval_depth)
     out = Path(out)
     tok = save_tokenizer(synth_tokenizer(), out / "tokenizer", {"model_type": "char", "alphabet": ALPHABET})
     train_depths = list(range(1, train_depth + 1))

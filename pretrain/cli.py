@@ -24,7 +24,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("run_dir", help="a run directory made by `loopstack train`")
     ev.add_argument("--checkpoint", default="auto", help="checkpoint dir (default: the newest complete one)")
     ev.add_argument("--loops", default="", help="comma-separated loop counts (default: config's eval.loops)")
-    ev.add_argument("--batches", type=int, default=0, help="eval batches per loop count (default: config's)")
+    ev.add_argument("--batches", type=int, default=0,
+                    help="eval batches per loop count (default: config's); with --task: batches of task.batch_size "
+                         "problems per depth")
+    ev.add_argument("--task", choices=("khop", "prefix_sum", "parity"), default=None,
+                    help="answer accuracy on a synthetic depth task by difficulty, inside and beyond the trained "
+                         "depth (instead of the held-out loss)")
     add_set_flag(ev)
     ev.set_defaults(func=_eval)
 
@@ -46,6 +51,10 @@ def _eval(args: argparse.Namespace) -> int:
     from pretrain.config import load_config
 
     run_dir = Path(args.run_dir)
+    if args.task:
+        from pretrain.taskeval import run_task_eval
+
+        return run_task_eval(args)
     if not (run_dir / "config.yaml").exists():
         raise UserError(f"{run_dir}: no config.yaml (not a run directory made by `loopstack train`)")
     overrides = list(args.overrides)
