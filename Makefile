@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q $(TORCH)
 	echo "$(TORCH)" > $(VENV)/constraints.txt
-	$(BIN)/pip install -q -c $(VENV)/constraints.txt -e '.[test]'
+	$(BIN)/pip install -q -c $(VENV)/constraints.txt -e '.[test,hf]'
 	touch $(STAMP)
 
 quickstart: install

@@ -79,7 +79,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     har = sub.add_parser("harness", help="downstream tasks with lm-evaluation-harness, at several loop counts",
                          description="Run lm-evaluation-harness tasks on a run's checkpoint at each loop count; "
-                                     "writes <run>/harness/<step>.json and a plot of each metric vs loops. "
+                                     "writes <run>/harness/step_<N>.json (and latest.json) and step_<N>.png, each "
+                                     "task's main metric vs loops. "
                                      "Needs the `lm-eval` package (pip install lm-eval).")
     _add_source(har)
     har.add_argument("--tasks", required=True, help="comma-separated task names")

@@ -2,10 +2,13 @@
 checkpoint directory -> a loopstack run directory holding a looped model initialised from it.
 
     SRC layers:  [0 .. P-1]           [P .. P+M-1]                       [P+M .. L-1]
-                 prelude (copied)     middle: M = n_core x loops         coda (copied)
-    middle layer j (0-based within the middle) runs in loop j // n_core as core layer j % n_core
+                 prelude (copied)     middle: M = n_core x G             coda (copied)
+    middle layer j (0-based within the middle) is core layer j % n_core of source group j // n_core
 
-Core layer i is shared by its group {P + i + t * n_core : t < loops}, initialised (`--init`) as
+The loop count defaults to G (the converted model then has the source's depth); `--loops L` may differ (a deeper
+or shallower model to uptrain): the core is initialised from the G source groups all the same, and with per-loop
+LoRA loop t starts from group min(t, G - 1)'s layers. Core layer i is shared by its group
+{P + i + g * n_core : g < G}, initialised (`--init`) as
 
 * `average`: the element-wise mean of the group's weights (projections, biases, norm weights);
 * `select`: the group's first layer (P + i);
@@ -17,8 +20,8 @@ Core layer i is shared by its group {P + i + t * n_core : t < loops}, initialise
 
 Per-loop LoRA (`--loop-lora-rank r`, pretrain/models/lora.py: banks A [loops, r, in], B [loops, out, r], scale
 alpha / r = 1 since loop_lora_alpha is left null): for loop t, core layer i and each projection W (wq wk wv wo w_gate
-w_up w_down), delta = W_layer(P + t n_core + i) - W_shared(i) (both after the RoPE sign flip below), truncated SVD
-delta ~ U_r S_r V_r^T (computed in fp64), B_t = U_r sqrt(S_r), A_t = sqrt(S_r) V_r^T / scale; ranks beyond
+w_up w_down), delta = W_layer(P + min(t, G - 1) n_core + i) - W_shared(i) (both after the RoPE sign flip below),
+truncated SVD delta ~ U_r S_r V_r^T (computed in fp64), B_t = U_r sqrt(S_r), A_t = sqrt(S_r) V_r^T / scale; ranks beyond
 min(out, in) stay zero. So at full rank every loop's projections equal the source layer's exactly. LoRA covers the
 projection matrices only: biases and norm weights stay shared, so the looped model equals the source when those
 agree within each group (or when nothing is shared: n_core = the middle layers, one loop).
@@ -37,9 +40,11 @@ The run's config is a plain transformer spelled out (variant looped with every l
 none, state_init embed, pre-norm, no outer or entry norm, affine norms, no restart / state injection / internal
 recall / embedding scale), qk_norm as the source, no logit soft-cap, SwiGLU with the source's intermediate size,
 its rms_norm_eps and rope theta. `tokenizer.kind: hf` with the source's tokenizer files copied to OUT/tokenizer.
-`data.*` is left at the defaults (set data.sources to train). `train.lr` is 3e-5, a choice: uptraining a pretrained
-model wants a learning rate about ten times below pretraining's so the imported weights are not destroyed in the
-first steps; 100 warmup steps for the same reason. Weights go to OUT/checkpoints/0 in fp32 as one safetensors file
+`data.*` is left at the defaults (set data.sources to train) except `data.seq_len`: the source's
+max_position_embeddings, at most 4096 (the context it was trained for; `harness` scores in windows of it).
+`train.lr` is 3e-5, a choice: uptraining a pretrained model wants a learning rate about ten times below
+pretraining's so the imported weights are not destroyed in the first steps; 100 warmup steps for the same
+reason. Weights go to OUT/checkpoints/0 in fp32 as one safetensors file
 (`pretrain.weights.save_whole_checkpoint`).
 
 Refused with one line naming the field: GPT-2 (LayerNorm with biases, learned absolute positions and GELU do not
@@ -121,6 +126,7 @@ class Source:
         self.vocab_size = self._int("vocab_size")
         self.norm_eps = float(hf.get("rms_norm_eps", 1e-6))
         self.tie = bool(hf.get("tie_word_embeddings", False))
+        self.max_positions = int(hf.get("max_position_embeddings") or 0)
         self.qkv_bias = mt == "qwen2"
         self.qk_norm = mt == "qwen3"
         if self.d_model % self.n_heads:
@@ -235,9 +241,10 @@ class Weights:
 
 # --- the plan ---------------------------------------------------------------------------------------------------
 
-def plan_layers(n_layers: int, n_core: int, n_prelude: int | None, n_coda: int | None,
-                loops: int | None) -> tuple[int, int, int, int]:
-    """(prelude, core, coda, loops) with prelude + core x loops + coda = the source's layers, or a UserError."""
+def plan_layers(n_layers: int, n_core: int, n_prelude: int | None, n_coda: int | None, loops: int | None,
+                init: str = "stepwise", lora_rank: int = 0) -> tuple[int, int, int, int]:
+    """(prelude, core, coda, loops) for a source of `n_layers` layers, or a UserError. The middle layers must form
+    whole groups of n_core (`stepwise` without LoRA excepted: it picks n_core of them wherever they are)."""
     p, c = n_prelude or 0, n_coda or 0
     for flag, value in (("--n-core", n_core), ("--n-prelude", p), ("--n-coda", c)):
         if value < 0 or (flag == "--n-core" and value < 1):
@@ -246,14 +253,16 @@ def plan_layers(n_layers: int, n_core: int, n_prelude: int | None, n_coda: int |
     if middle < n_core:
         raise UserError(f"--n-prelude {p} + --n-coda {c} leave {middle} of the source's {n_layers} layers, fewer "
                         f"than --n-core {n_core}")
+    whole_groups = loops is None or init != "stepwise" or lora_rank > 0
+    if whole_groups and middle % n_core:
+        why = "to set the loop count" if loops is None else f"for --init {init}" if init != "stepwise" else \
+            "for per-loop LoRA"
+        raise UserError(f"the {middle} middle layers ({n_layers} - prelude {p} - coda {c}) are not a multiple "
+                        f"of --n-core {n_core} ({why})")
     if loops is None:
-        if middle % n_core:
-            raise UserError(f"the {middle} middle layers ({n_layers} - prelude {p} - coda {c}) are not a multiple "
-                            f"of --n-core {n_core}")
         loops = middle // n_core
-    if loops < 1 or n_core * loops != middle:
-        raise UserError(f"--n-core {n_core} x --loops {loops} = {n_core * loops}, but the source has {middle} middle "
-                        f"layers ({n_layers} - prelude {p} - coda {c}); they must be equal")
+    if loops < 1:
+        raise UserError(f"--loops {loops}: expected >= 1")
     return p, n_core, c, loops
 
 
@@ -262,15 +271,18 @@ def stepwise_sources(middle: int, n_core: int) -> list[int]:
     return [int(x) for x in np.round(np.linspace(0, middle - 1, n_core))]
 
 
-def core_sources(init: str, prelude: int, n_core: int, loops: int) -> list[list[int]]:
+def core_sources(init: str, prelude: int, n_core: int, middle: int) -> list[list[int]]:
     """For each core layer, the source layers whose weights it is initialised from (averaged when several)."""
     if init == "average":
-        return [[prelude + i + t * n_core for t in range(loops)] for i in range(n_core)]
+        return [[prelude + i + g * n_core for g in range(middle // n_core)] for i in range(n_core)]
     if init == "select":
         return [[prelude + i] for i in range(n_core)]
     if init == "stepwise":
-        return [[prelude + j] for j in stepwise_sources(n_core * loops, n_core)]
+        return [[prelude + j] for j in stepwise_sources(middle, n_core)]
     raise UserError(f"--init {init}: expected average, select or stepwise")
+
+
+MAX_SEQ_LEN = 4096  # data.seq_len of a converted run: the source's max_position_embeddings up to this
 
 
 def build_config(source: Source, out: Path, prelude: int, n_core: int, coda: int, loops: int, lora_rank: int):
@@ -293,6 +305,8 @@ def build_config(source: Source, out: Path, prelude: int, n_core: int, coda: int
     m.norm_affine, m.restart, m.state_inject, m.internal_recall, m.embed_scale = True, False, "none", "none", False
     m.loop_lora_rank, m.loop_lora_alpha = lora_rank, None
     cfg.train.lr, cfg.train.warmup_steps = LR, WARMUP
+    if source.max_positions:  # the context the source was trained for (also the harness's window), at most 4096
+        cfg.data.seq_len = max(8, min(source.max_positions, MAX_SEQ_LEN))
     try:
         return config_from_dict(to_dict(cfg), "converted config")  # every check the trainer runs
     except Exception as err:  # noqa: BLE001 - ConfigError and friends: one line
@@ -352,6 +366,8 @@ def convert_state(w: Weights, s: Source, cfg, init: str, say=print) -> dict[str,
 
     m = cfg.model
     p, k, c, loops = m.n_prelude, m.n_core, m.n_coda, m.loops
+    middle = s.n_layers - p - c
+    groups_n = middle // k  # whole source groups of k middle layers
     vocab, padded = s.vocab_size, padded_vocab(s.vocab_size)
     state: dict[str, torch.Tensor] = {}
     embed = torch.zeros(padded, s.d_model)
@@ -372,18 +388,19 @@ def convert_state(w: Weights, s: Source, cfg, init: str, say=print) -> dict[str,
     for i in range(p):
         state.update({f"prelude.{i}.{n}": t for n, t in layer(i).items()})
         say(f"  prelude {i} <- layer {i}")
-    groups = core_sources(init, p, k, loops)
+    groups = core_sources(init, p, k, middle)
     shared: list[dict[str, torch.Tensor]] = []
     for i, group in enumerate(groups):
         members = [layer(j) for j in group]
         mean = {n: torch.stack([mem[n] for mem in members]).mean(0) for n in members[0]}
         shared.append(mean)
         state.update({f"core.{i}.{n}": t for n, t in mean.items()})
-        runs = ", ".join(str(p + i + t * k) for t in range(loops))
+        runs = ", ".join(str(p + i + t * k) for t in range(min(loops, groups_n)))
+        runs += f" (loops {groups_n + 1}..{loops}: deeper than the source)" if loops > groups_n else ""
         what = f"average of layers {', '.join(map(str, group))}" if len(group) > 1 else f"layer {group[0]}"
         say(f"  core {i} <- {what} ({init}; runs as layers {runs})")
     for i in range(c):
-        j = p + k * loops + i
+        j = p + middle + i
         state.update({f"coda.{i}.{n}": t for n, t in layer(j).items()})
         say(f"  coda {i} <- layer {j}")
     rank = m.loop_lora_rank
@@ -396,7 +413,7 @@ def convert_state(w: Weights, s: Source, cfg, init: str, say=print) -> dict[str,
                 key = LORA_KEYS[name]
                 a_bank, b_bank = [], []
                 for t in range(bank):
-                    delta = layer(p + min(t, loops - 1) * k + i)[key] - shared[i][key]
+                    delta = layer(p + min(t, groups_n - 1) * k + i)[key] - shared[i][key]
                     a, b = svd_lora(delta, rank, scale)
                     a_bank.append(a)
                     b_bank.append(b)
@@ -406,7 +423,7 @@ def convert_state(w: Weights, s: Source, cfg, init: str, say=print) -> dict[str,
                 state[f"loop_lora.{i}.{name}.B"] = torch.stack(b_bank)
         rel = (err_num / err_den) ** 0.5 if err_den > 0 else 0.0
         say(f"  loop LoRA rank {rank} on {', '.join(targets)}: loop t, core i <- truncated SVD of layer "
-            f"{p} + t x {k} + i minus core i (relative residual {rel:.3g})")
+            f"{p} + min(t, {groups_n - 1}) x {k} + i minus core i (relative residual {rel:.3g})")
     return state
 
 
@@ -427,7 +444,8 @@ def run_convert(args: argparse.Namespace) -> int:
     src, out = Path(args.src), Path(args.out)
     _check_out(out)
     source = Source(src)
-    p, k, c, loops = plan_layers(source.n_layers, args.n_core, args.n_prelude, args.n_coda, args.loops)
+    p, k, c, loops = plan_layers(source.n_layers, args.n_core, args.n_prelude, args.n_coda, args.loops, args.init,
+                                 args.loop_lora_rank)
     if args.loop_lora_rank < 0:
         raise UserError(f"--loop-lora-rank {args.loop_lora_rank}: expected >= 0")
     if args.loop_lora_rank and loops == 1:

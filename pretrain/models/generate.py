@@ -25,6 +25,7 @@ sequence each step (the reference the cache is tested against). `generate` is it
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -119,12 +120,14 @@ class Generation:
 def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, *, loops: int | None = None,
                    temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                    eos_id: int | None = None, pad_id: int = 0, use_cache: bool = True,
-                   exit_epsilon: float | None = None) -> Generation:
+                   exit_epsilon: float | None = None,
+                   stop: Callable[[int, list[int]], bool] | None = None) -> Generation:
     """Continue prompts of any lengths in one batch: left-padded with `pad_id` and masked (the model's
     `attention_mask`: rotary positions count real tokens, padding is never attended), so each row generates what
     it would alone. Greedy at temperature 0, else sampled (`sample_next`) from a generator seeded with `seed` (every
-    TP rank draws the same). A row stops at `eos_id`; the batch stops when every row has. `exit_epsilon`: per-token
-    early exit (`LoopedLM.forward(exit_per_token=True)`; exact with the cache, which still runs every loop)."""
+    TP rank draws the same). A row stops at `eos_id`, or once `stop(row, its new tokens)` is true (e.g. a stop string
+    decoded; the tokens are kept); the batch stops when every row has. `exit_epsilon`: per-token early exit
+    (`LoopedLM.forward(exit_per_token=True)`; exact with the cache, which still runs every loop)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     loops = loops or model.cfg.loops
@@ -162,6 +165,8 @@ def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, *, loop
                     continue
                 out_tokens[b].append(tok)
                 used[b].append(int(depth[b]))
+                if stop is not None and stop(b, out_tokens[b]):
+                    finished[b] = True
             if all(finished):
                 break
             seq = torch.cat((seq, nxt[:, None]), dim=1)

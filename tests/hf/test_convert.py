@@ -154,6 +154,23 @@ def test_shared_core_inits(tmp_path, tok_dir, init):
             torch.testing.assert_close(state[f"core.{i}.{ours_name}"], mean.detach())
     torch.testing.assert_close(state["prelude.0.mlp.w_down.weight"], hf_layers[0].mlp.down_proj.weight.detach())
     torch.testing.assert_close(state["coda.0.mlp.w_down.weight"], hf_layers[5].mlp.down_proj.weight.detach())
+    if init != "average":
+        return
+    # a looped model deeper than the source (3 loops of the 2 source groups): the same core, the coda still the
+    # source's last layer, per-loop LoRA of loops past the source's groups from the last group
+    deeper = tmp_path / "deeper"
+    convert(src, deeper, 2, n_prelude=1, n_coda=1, loops=3, init=init, rank=64)
+    loaded = ours(deeper)
+    assert loaded.cfg.model.loops == 3
+    got = loaded.model.state_dict()
+    for name in ("core.0.mlp.w_up.weight", "coda.0.mlp.w_down.weight", "prelude.0.attn.wq.weight"):
+        assert torch.equal(got[name], state[name]), name
+    bank = got["loop_lora.1.w_up.A"], got["loop_lora.1.w_up.B"]
+    assert bank[0].shape[0] == 3
+    shared = state["core.1.mlp.w_up.weight"]
+    for t, layer in ((0, 2), (1, 4), (2, 4)):
+        torch.testing.assert_close(shared + bank[1][t] @ bank[0][t], hf_layers[layer].mlp.up_proj.weight.detach(),
+                                   atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind,init", [("llama", "average"), ("qwen3", "select"), ("llama", "stepwise")])
@@ -211,8 +228,9 @@ def test_bad_inputs_are_one_line_errors(tmp_path, tok_dir, capsys):
     (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 4}))
     assert "gpt2 is not supported" in _error(capsys, gpt2, out, "--n-core", 4)
     assert "not a multiple of --n-core 3" in _error(capsys, src, out, "--n-core", 3)
-    assert "--loops 2 = 2, but the source has 3 middle" in _error(capsys, src, out, "--n-core", 1, "--loops", 2,
-                                                                   "--n-prelude", 1)
+    assert "not a multiple of --n-core 2 (for --init average)" in _error(capsys, src, out, "--n-core", 2,
+                                                                         "--loops", 2, "--n-prelude", 1,
+                                                                         "--init", "average")
     scaled = tmp_path / "scaled"
     scaled.mkdir()
     for f in src.iterdir():
