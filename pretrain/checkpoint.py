@@ -361,6 +361,8 @@ def safe_globals() -> list[type]:
     DeepSpeed pickles into its ZeRO optimizer files (ZeRO 1-3, fp32 and bf16, AdamW and Muon; found with
     `torch.serialization.get_unsafe_globals_in_checkpoint`). Each is inert data: built with its plain
     constructor or __dict__, no code of the file's choosing runs."""
+    if not torch.cuda.is_available():  # importing deepspeed on a CPU box prints a warning on stdout otherwise
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from deepspeed.runtime.fp16.loss_scaler import LossScaler  # the static loss scaler (scale 1.0)
     from deepspeed.runtime.zero.config import ZeroStageEnum  # the stage, an int Enum
     from deepspeed.utils.tensor_fragment import fragment_address  # ZeRO-1/2: (numel, start) of a param slice
