@@ -1,8 +1,9 @@
 """Where training numbers go: the console, `metrics.jsonl`, and wandb (offline unless configured).
 
 Only rank 0 writes. `metrics.jsonl` holds one JSON object per logged step (`step`, `loss`, `lr`,
-`grad_norm`, `tokens`, `tokens_per_s`, `loops`, ...); on resume the records after the checkpoint's
-step are dropped so the file reads as one uninterrupted run.
+`grad_norm`, `tokens`, `tokens_per_s`, `loops`, ...) and one per eval (`step`, `eval/loss@<loops>`: no `loss`
+key, so readers of the training curve keep the records that have one); on resume the records after the
+checkpoint's step are dropped so the file reads as one uninterrupted run.
 """
 
 from __future__ import annotations

@@ -115,7 +115,8 @@ def test_init_from_starts_a_run_from_another_runs_weights(smoke_data, tmp_path):
 
     src, dst = tmp_path / "src", tmp_path / "dst"
     run_train(1, src, smoke_data + ["train.steps=2", "checkpoint.every=2"])
-    out = run_train(2, dst, smoke_data + ["train.steps=1", "checkpoint.every=1", "train.lr=0", "parallel.tp=2",
+    out = run_train(2, dst, smoke_data + ["train.steps=1", "checkpoint.every=1", "train.lr=0", "train.muon_lr=0",
+                                          "parallel.tp=2",
                                           "parallel.zero_stage=1", f"train.init_from={src}"])
     assert f"init_from: weights of {src / 'checkpoints' / '2'} (step 2)" in out.stdout
     try:

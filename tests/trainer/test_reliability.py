@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from loopstack.errors import EXIT_DIVERGED
-from tests.trainer.conftest import ROOT, losses, run_train, train_cmd
+from tests.trainer.conftest import ROOT, losses, records, run_train, train_cmd
 
 QUICK = ["logging.every=1", "eval.batches=1", "eval.loops=[1]"]
 
@@ -101,7 +101,7 @@ def test_leftovers_of_a_killed_run_do_not_leak_into_the_next(smoke_data, tmp_pat
     (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 9.0}) + "\n" for s in range(1, 6)))
     (run / "checkpoints" / ".latest.tmp999").write_text("3\n")
     run_train(1, run, smoke_data + QUICK + ["train.steps=3", "checkpoint.every=3"])
-    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records(run)]
     assert steps == [1, 2, 3] and 9.0 not in losses(run).values()
     assert not list((run / "checkpoints").glob(".latest.tmp*"))
 
