@@ -174,6 +174,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Ru
     cfg = build(RunConfig, data, origin)
     try:  # checks across keys that --set may fill one at a time: on the resolved config only
         cfg.loop.check_depth(cfg.model.loops)
+        cfg.model.check_positions(cfg.data.seq_len)
     except ConfigError as err:
         raise ConfigError(f"{origin}: {err}") from None
     return cfg

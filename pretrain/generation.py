@@ -71,6 +71,12 @@ def run_generate(args: argparse.Namespace) -> int:
     loops = args.loops or loaded.cfg.model.loops
     print(f"generate: {loaded.info.path} (step {loaded.step}, {loaded.cfg.model.variant}, {loops} loops, "
           f"{next(model.parameters()).dtype}), {len(texts)} prompt(s)", file=sys.stderr)
+    limit = loaded.cfg.model.max_positions if loaded.cfg.model.position == "learned" else 0
+    longest = max(len(tok.encode(t)) for t in texts)
+    if limit and longest + args.max_new_tokens - 1 > limit:
+        raise UserError(f"the longest prompt ({longest} tokens) + --max-new-tokens {args.max_new_tokens} need "
+                        f"{longest + args.max_new_tokens - 1} positions; this model's learned position embedding "
+                        f"has {limit} (model.max_positions)")
     eos = tok.eos_id if tok.eos_id is not None and tok.eos_id >= 0 else None
     pad = tok.pad_id if tok.pad_id is not None and tok.pad_id >= 0 else 0
     n_new, n_loops, t_start = 0, 0, time.perf_counter()

@@ -8,6 +8,9 @@
     tokenizer_vocab_size  the real vocabulary (model.vocab_size, else the tokenizer's): higher ids are padding,
                           their logits -inf
     mlp_hidden            the MLP width, resolved
+    norm_kind             rms (RMSNorm) | layer (LayerNorm with weight and bias): every norm but the QK-norm
+    position              rope (rotary) | learned (absolute embeddings [max_positions, d_model] added to the input)
+    proj_bias             biases on wo and the MLP projections (qkv_bias: on wq, wk, wv)
     n_kv_heads            key/value heads, resolved (never 0)
     loop_lora_*           per-loop LoRA: rank, scale (alpha / r), the adapted projections, the bank size
     noise_seed            the seed of the random initial state h_0 (huginn / parcae: state_init random)
@@ -51,6 +54,10 @@ class LoopstackConfig(PreTrainedConfig):
     mlp: str = "relu2"
     mlp_hidden: int = 1024
     qkv_bias: bool = False
+    proj_bias: bool = False
+    norm_kind: str = "rms"
+    position: str = "rope"
+    max_positions: int = 0
     qk_norm: bool = True
     norm_eps: float = 1e-6
     tie_embeddings: bool = True
@@ -88,8 +95,11 @@ class LoopstackConfig(PreTrainedConfig):
 
     def _check(self) -> None:
         """Inconsistent fields fail at load, naming the field, instead of as a shape error deep in forward."""
-        if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
-            raise ValueError(f"d_model = {self.d_model} must be n_heads = {self.n_heads} times an even head dim")
+        if self.d_model % self.n_heads or (self.position == "rope" and (self.d_model // self.n_heads) % 2):
+            raise ValueError(f"d_model = {self.d_model} must be n_heads = {self.n_heads} times a head dim (even "
+                             "with rotary)")
+        if self.position == "learned" and int(self.max_positions) < 1:
+            raise ValueError(f"max_positions = {self.max_positions}: position learned needs >= 1")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_kv_heads = {self.n_kv_heads} does not divide n_heads = {self.n_heads}")
         if int(self.loops) < 1:
@@ -99,7 +109,9 @@ class LoopstackConfig(PreTrainedConfig):
                                      ("internal_recall", self.internal_recall, INTERNAL_RECALL),
                                      ("state_init", self.state_init, STATE_INIT),
                                      ("norm", self.norm, ("pre", "sandwich")),
-                                     ("mlp", self.mlp, ("swiglu", "relu2"))):
+                                     ("mlp", self.mlp, ("swiglu", "relu2", "gelu")),
+                                     ("norm_kind", self.norm_kind, ("rms", "layer")),
+                                     ("position", self.position, ("rope", "learned"))):
             if value not in allowed:
                 raise ValueError(f"{name} = {value!r}: expected one of {', '.join(allowed)}")
         unknown = [t for t in self.loop_lora_targets if t not in LORA_TARGETS]

@@ -1,5 +1,5 @@
-"""`loopstack convert hf SRC OUT --n-core K ...`: a pretrained Llama-, Mistral-, Qwen2- or Qwen3-style Hugging Face
-checkpoint directory -> a loopstack run directory holding a looped model initialised from it.
+"""`loopstack convert hf SRC OUT --n-core K ...`: a pretrained Llama-, Mistral-, Qwen2-, Qwen3- or GPT-2-style Hugging
+Face checkpoint directory -> a loopstack run directory holding a looped model initialised from it.
 
     SRC layers:  [0 .. P-1]           [P .. P+M-1]                       [P+M .. L-1]
                  prelude (copied)     middle: M = n_core x G             coda (copied)
@@ -18,41 +18,50 @@ LoRA loop t starts from group min(t, G - 1)'s layers. Core layer i is shared by 
   first and last middle layers are always picked (their paper: intermediate layers at regular intervals, the
   first and last kept); with n_core = 1 it is the first middle layer. Note that src[i] need not belong to group i.
 
-Per-loop LoRA (`--loop-lora-rank r`, pretrain/models/lora.py: banks A [loops, r, in], B [loops, out, r], scale
-alpha / r = 1 since loop_lora_alpha is left null): for loop t, core layer i and each projection W (wq wk wv wo w_gate
-w_up w_down), delta = W_layer(P + min(t, G - 1) n_core + i) - W_shared(i) (both after the RoPE sign flip below),
+Per-loop LoRA (`--loop-lora-rank r`, pretrain/models/lora.py: banks A [loops, r, in], B [loops, out, r], scale alpha / r
+= 1 since loop_lora_alpha is left null): for loop t, core layer i and each projection W (wq wk wv wo w_gate w_up w_down;
+GPT-2 has no w_gate), delta = W_layer(P + min(t, G - 1) n_core + i) - W_shared(i) (both after the RoPE sign flip below),
 truncated SVD delta ~ U_r S_r V_r^T (computed in fp64), B_t = U_r sqrt(S_r), A_t = sqrt(S_r) V_r^T / scale; ranks beyond
 min(out, in) stay zero. So at full rank every loop's projections equal the source layer's exactly. LoRA covers the
-projection matrices only: biases and norm weights stay shared, so the looped model equals the source when those
-agree within each group (or when nothing is shared: n_core = the middle layers, one loop).
+projection matrices only: biases and norm weights stay shared, so the looped model equals the source when those agree
+within each group (or when nothing is shared: n_core = the middle layers, one loop).
 
 Mapping to loopstack's TP=1 names (see layers.py), per layer: input_layernorm -> attn_norm, q/k/v/o_proj -> attn.wq/
 wk/wv/wo (+ q/k/v biases, Qwen2), q_norm/k_norm (Qwen3: one [head_dim] vector) -> attn.q_norm/k_norm broadcast to
 loopstack's per-head [n_heads, head_dim], post_attention_layernorm -> mlp_norm, gate/up/down_proj -> mlp.w_gate/w_up/
 w_down; model.norm -> norm; embed_tokens -> embed (rows copied, padding rows up to the multiple of 128 zero: the
-model masks them); lm_head -> lm_head unless tied. RoPE: HF rotates each head's halves as (x1 cos - x2 sin,
-x2 cos + x1 sin), loopstack's `apply_rotary` as (x1 cos + x2 sin, x2 cos - x1 sin), the rotation by the opposite
-angle. Negating the second half of every head's rows of wq and wk (and of their biases) maps one onto the other up
-to the sign of the second halves of q and k, which cancels in q . k; RMS q/k norms commute with the sign flip. The
-equality test (tests/hf/test_convert.py) checks it on the logits.
+model masks them); lm_head -> lm_head unless tied.
 
-The run's config is a plain transformer spelled out (variant looped with every loop switch explicit: injection
-none, state_init embed, pre-norm, no outer or entry norm, affine norms, no restart / state injection / internal
-recall / embedding scale), qk_norm as the source, no logit soft-cap, SwiGLU with the source's intermediate size,
-its rms_norm_eps and rope theta. `tokenizer.kind: hf` with the source's tokenizer files copied to OUT/tokenizer.
-`data.*` is left at the defaults (set data.sources to train) except `data.seq_len`: the source's
-max_position_embeddings, at most 4096 (the context it was trained for; `harness` scores in windows of it).
-`train.lr` is 3e-5, a choice: uptraining a pretrained model wants a learning rate about ten times below
-pretraining's so the imported weights are not destroyed in the first steps; 100 warmup steps for the same
-reason. Weights go to OUT/checkpoints/0 in fp32 as one safetensors file
-(`pretrain.weights.save_whole_checkpoint`).
+GPT-2 (model_type gpt2; GPT2LMHeadModel's names, with or without the `transformer.` prefix that GPT2Model
+checkpoints lack): wte -> embed, wpe -> pos_embed (model.position learned, max_positions = n_positions), per layer
+ln_1 -> attn_norm, attn.c_attn -> attn.wq/wk/wv (split along the output into thirds), attn.c_proj -> attn.wo, ln_2 ->
+mlp_norm, mlp.c_fc -> mlp.w_up, mlp.c_proj -> mlp.w_down, weights and biases each (GPT-2's Conv1D stores weights as
+[in, out]: transposed); ln_f -> norm (weight and bias). The model gets norm_kind layer (LayerNorm with bias, eps
+layer_norm_epsilon), mlp gelu (tanh approximation = gelu_new), qkv_bias and proj_bias, no qk-norm, no rotary (so no
+sign flip); its MLP width is n_inner (default 4 x n_embd). Refused: an activation_function other than gelu_new /
+gelu_pytorch_tanh, scale_attn_by_inverse_layer_idx, reorder_and_upcast_attn, scale_attn_weights false.
 
-Refused with one line naming the field: GPT-2 (LayerNorm with biases, learned absolute positions and GELU do not
-fit loopstack's layers), rope scaling (anything but the default rotary), sliding-window attention, biases other than
-Qwen2's q/k/v, an activation other than silu, head_dim != hidden_size / num_attention_heads, partial rotary. Weights
-are read with `safetensors` only (a single file or shards with model.safetensors.index.json): nothing in SRC is
-executed (no pickle, no remote code). OUT must not exist or be empty; everything is written to a temporary
-directory next to it and renamed at the end, so a failed convert leaves no half run.
+RoPE (the other families): HF rotates each head's halves as (x1 cos - x2 sin, x2 cos + x1 sin), loopstack's
+`apply_rotary` as (x1 cos + x2 sin, x2 cos - x1 sin), the rotation by the opposite angle. Negating the second half of
+every head's rows of wq and wk (and of their biases) maps one onto the other up to the sign of the second halves of q
+and k, which cancels in q . k; RMS q/k norms commute with the sign flip. The equality test (tests/hf/test_convert.py)
+checks it on the logits.
+
+The run's config is a plain transformer spelled out (variant looped with every loop switch explicit: injection none,
+state_init embed, pre-norm, no outer or entry norm, affine norms, no restart / state injection / internal recall /
+embedding scale), qk_norm as the source, no logit soft-cap, SwiGLU with the source's intermediate size, its rms_norm_eps
+and rope theta (GPT-2: the options above). `tokenizer.kind: hf` with the source's tokenizer files copied to
+OUT/tokenizer. `data.*` is left at the defaults (set data.sources to train) except `data.seq_len`: the source's
+max_position_embeddings (GPT-2: n_positions), at most 4096 (the context it was trained for; `harness` scores in windows
+of it). `train.lr` is 3e-5, a choice: uptraining a pretrained model wants a learning rate about ten times below
+pretraining's so the imported weights are not destroyed in the first steps; 100 warmup steps for the same reason.
+Weights go to OUT/checkpoints/0 in fp32 as one safetensors file (`pretrain.weights.save_whole_checkpoint`).
+
+Refused with one line naming the field: rope scaling (anything but the default rotary), sliding-window attention, biases
+other than Qwen2's q/k/v, an activation other than silu, head_dim != hidden_size / num_attention_heads, partial rotary.
+Weights are read with `safetensors` only (a single file or shards with model.safetensors.index.json): nothing in SRC is
+executed (no pickle, no remote code). OUT must not exist or be empty; everything is written to a temporary directory
+next to it and renamed at the end, so a failed convert leaves no half run.
 """
 
 from __future__ import annotations
@@ -68,7 +77,8 @@ import torch
 
 from loopstack.errors import UserError
 
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
+GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # both the tanh approximation: F.gelu(approximate="tanh")
 LR = 3e-5
 WARMUP = 100
 # per-layer HF name (under model.layers.<j>.) -> loopstack name (under prelude.<p>. / core.<i>. / coda.<c>.)
@@ -86,6 +96,15 @@ LAYER_MAP = {
 BIAS_MAP = {"self_attn.q_proj.bias": "attn.wq.bias", "self_attn.k_proj.bias": "attn.wk.bias",
             "self_attn.v_proj.bias": "attn.wv.bias"}
 QK_NORM_MAP = {"self_attn.q_norm.weight": "attn.q_norm.weight", "self_attn.k_norm.weight": "attn.k_norm.weight"}
+# GPT-2, per layer (under h.<j>.): HF name -> loopstack name; Conv1D weights are [in, out] (transposed here), c_attn
+# holds q, k and v side by side along its output
+GPT2_LAYER_MAP = {
+    "ln_1.weight": "attn_norm.weight", "ln_1.bias": "attn_norm.bias",
+    "attn.c_proj.weight": "attn.wo.weight", "attn.c_proj.bias": "attn.wo.bias",
+    "ln_2.weight": "mlp_norm.weight", "ln_2.bias": "mlp_norm.bias",
+    "mlp.c_fc.weight": "mlp.w_up.weight", "mlp.c_fc.bias": "mlp.w_up.bias",
+    "mlp.c_proj.weight": "mlp.w_down.weight", "mlp.c_proj.bias": "mlp.w_down.bias",
+}
 LORA_KEYS = {"wq": "attn.wq.weight", "wk": "attn.wk.weight", "wv": "attn.wv.weight", "wo": "attn.wo.weight",
              "w_gate": "mlp.w_gate.weight", "w_up": "mlp.w_up.weight", "w_down": "mlp.w_down.weight"}
 
@@ -112,12 +131,14 @@ class Source:
             raise UserError(f"{path}: expected a JSON object")
         self.hf, self.path = hf, path
         mt = hf.get("model_type")
-        if mt == "gpt2":
-            raise UserError(f"{path}: model_type gpt2 is not supported: its LayerNorm with biases, learned absolute "
-                            f"positions and GELU MLP do not fit loopstack's layers (RMSNorm, rotary, SwiGLU)")
         if mt not in SUPPORTED:
             raise UserError(f"{path}: model_type {mt!r} is not supported (supported: {', '.join(SUPPORTED)})")
         self.model_type = mt
+        # the options GPT-2 alone uses (loopstack's defaults otherwise)
+        self.mlp, self.norm_kind, self.position, self.proj_bias = "swiglu", "rms", "rope", False
+        if mt == "gpt2":
+            self._gpt2()
+            return
         self.n_layers = self._int("num_hidden_layers")
         self.d_model = self._int("hidden_size")
         self.n_heads = self._int("num_attention_heads")
@@ -138,6 +159,36 @@ class Source:
                             f"{self.head_dim}; loopstack's attention needs them equal")
         self.rope_theta = self._rope()
         self._refusals()
+
+    def _gpt2(self) -> None:
+        """GPT-2's config.json (n_embd, n_layer, n_head, n_inner, n_positions, layer_norm_epsilon) and refusals."""
+        hf, path = self.hf, self.path
+        act = hf.get("activation_function", "gelu_new")
+        if act not in GPT2_ACTIVATIONS:
+            raise UserError(f"{path}: activation_function = {act!r}: loopstack's GELU MLP is the tanh approximation "
+                            f"({' or '.join(GPT2_ACTIVATIONS)})")
+        for key, bad in (("scale_attn_by_inverse_layer_idx", True), ("reorder_and_upcast_attn", True),
+                         ("scale_attn_weights", False)):
+            if bool(hf.get(key, not bad)) == bad:
+                raise UserError(f"{path}: {key} = {str(bad).lower()} is not supported (loopstack's attention scales "
+                                f"scores by 1 / sqrt(head_dim), in the model's dtype)")
+        self.n_layers = self._int("n_layer")
+        self.d_model = self._int("n_embd")
+        self.n_heads = self._int("n_head")
+        self.n_kv_heads = self.n_heads
+        self.mlp_hidden = self._int("n_inner") if hf.get("n_inner") is not None else 4 * self.d_model
+        self.vocab_size = self._int("vocab_size")
+        self.max_positions = self._int("n_positions")
+        eps = hf.get("layer_norm_epsilon", 1e-5)
+        if not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps < 0:
+            raise UserError(f"{path}: layer_norm_epsilon = {eps!r}: expected a number >= 0")
+        self.norm_eps = float(eps)
+        self.tie = bool(hf.get("tie_word_embeddings", True))
+        self.qkv_bias, self.qk_norm, self.rope_theta = True, False, 10000.0
+        self.mlp, self.norm_kind, self.position, self.proj_bias = "gelu", "layer", "learned", True
+        if self.d_model % self.n_heads:
+            raise UserError(f"{path}: n_embd {self.d_model} is not divisible by n_head {self.n_heads}")
+        self.head_dim = self.d_model // self.n_heads
 
     def _int(self, key: str) -> int:
         value = self.hf.get(key)
@@ -297,8 +348,11 @@ def build_config(source: Source, out: Path, prelude: int, n_core: int, coda: int
     m = cfg.model
     m.variant, m.loops, m.n_prelude, m.n_core, m.n_coda = "looped", loops, prelude, n_core, coda
     m.d_model, m.n_heads, m.n_kv_heads = source.d_model, source.n_heads, source.n_kv_heads
-    m.vocab_size, m.mlp, m.mlp_hidden = source.vocab_size, "swiglu", source.mlp_hidden
+    m.vocab_size, m.mlp, m.mlp_hidden = source.vocab_size, source.mlp, source.mlp_hidden
     m.qkv_bias, m.qk_norm = source.qkv_bias, source.qk_norm
+    m.proj_bias, m.norm_kind = source.proj_bias, source.norm_kind
+    if source.position == "learned":  # GPT-2: its position table, and no more positions than it has
+        m.max_positions, m.position = source.max_positions, "learned"
     m.norm_eps, m.rope_theta = source.norm_eps, source.rope_theta
     m.tie_embeddings, m.logit_softcap = source.tie, 0.0
     m.injection, m.state_init, m.norm, m.outer_norm, m.entry_norm = "none", "embed", "pre", False, False
@@ -323,8 +377,33 @@ def _flip_rope(t: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
     return t
 
 
+def gpt2_prefix(w: Weights) -> str:
+    """"transformer." for GPT2LMHeadModel checkpoints, "" for GPT2Model ones (the hub's original gpt2)."""
+    return "transformer." if "transformer.wte.weight" in w else ""
+
+
+def gpt2_layer(w: Weights, s: Source, j: int) -> dict[str, torch.Tensor]:
+    """GPT-2 layer j under loopstack's per-layer names: Conv1D weights transposed, c_attn split into q, k, v."""
+    d, f, pre = s.d_model, s.mlp_hidden, f"{gpt2_prefix(w)}h.{j}."
+    shapes = {"ln_1.weight": (d,), "ln_1.bias": (d,), "ln_2.weight": (d,), "ln_2.bias": (d,),
+              "attn.c_proj.weight": (d, d), "attn.c_proj.bias": (d,), "mlp.c_fc.weight": (d, f),
+              "mlp.c_fc.bias": (f,), "mlp.c_proj.weight": (f, d), "mlp.c_proj.bias": (d,)}
+    layer = {}
+    for theirs, ours in GPT2_LAYER_MAP.items():
+        t = w.get(pre + theirs, shapes[theirs])
+        layer[ours] = t.t().contiguous() if t.dim() == 2 else t
+    qkv = w.get(pre + "attn.c_attn.weight", (d, 3 * d)).t()
+    qkv_bias = w.get(pre + "attn.c_attn.bias", (3 * d,))
+    for i, name in enumerate(("wq", "wk", "wv")):
+        layer[f"attn.{name}.weight"] = qkv[i * d:(i + 1) * d].contiguous()
+        layer[f"attn.{name}.bias"] = qkv_bias[i * d:(i + 1) * d].clone()
+    return layer
+
+
 def source_layer(w: Weights, s: Source, j: int) -> dict[str, torch.Tensor]:
     """Source layer j under loopstack's per-layer names, RoPE sign flip applied, q/k norms per head."""
+    if s.model_type == "gpt2":
+        return gpt2_layer(w, s, j)
     d, hd, nq, nkv, f = s.d_model, s.head_dim, s.n_heads, s.n_kv_heads, s.mlp_hidden
     shapes = {"input_layernorm.weight": (d,), "post_attention_layernorm.weight": (d,),
               "self_attn.q_proj.weight": (nq * hd, d), "self_attn.k_proj.weight": (nkv * hd, d),
@@ -370,14 +449,22 @@ def convert_state(w: Weights, s: Source, cfg, init: str, say=print) -> dict[str,
     groups_n = middle // k  # whole source groups of k middle layers
     vocab, padded = s.vocab_size, padded_vocab(s.vocab_size)
     state: dict[str, torch.Tensor] = {}
+    gpt2 = s.model_type == "gpt2"
+    pre = gpt2_prefix(w) if gpt2 else "model."
     embed = torch.zeros(padded, s.d_model)
-    embed[:vocab] = w.get("model.embed_tokens.weight", (vocab, s.d_model))
+    embed[:vocab] = w.get(pre + ("wte.weight" if gpt2 else "embed_tokens.weight"), (vocab, s.d_model))
     state["embed.weight"] = embed
+    if gpt2:
+        state["pos_embed.weight"] = w.get(pre + "wpe.weight", (s.max_positions, s.d_model))
     if not s.tie:
         head = torch.zeros(padded, s.d_model)
         head[:vocab] = w.get("lm_head.weight", (vocab, s.d_model))
         state["lm_head.weight"] = head
-    state["norm.weight"] = w.get("model.norm.weight", (s.d_model,))
+    if gpt2:
+        state["norm.weight"] = w.get(pre + "ln_f.weight", (s.d_model,))
+        state["norm.bias"] = w.get(pre + "ln_f.bias", (s.d_model,))
+    else:
+        state["norm.weight"] = w.get("model.norm.weight", (s.d_model,))
     layers: dict[int, dict[str, torch.Tensor]] = {}
 
     def layer(j: int) -> dict[str, torch.Tensor]:

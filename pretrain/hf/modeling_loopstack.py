@@ -3,7 +3,8 @@ loopstack's `LoopedLM` (pretrain/models/looped.py, recurrence.py, layers.py, lor
 torch, so an exported checkpoint runs wherever transformers does. `loopstack export hf` copies this file and
 configuration_loopstack.py next to the weights; they import only torch and transformers.
 
-    e = Prelude(E(x))                        # x sqrt(d_model) first when embed_scale (Huginn); Parcae: e <- norm(e)
+    e = Prelude(E(x) + P(pos))               # x sqrt(d_model) first when embed_scale (Huginn); P: learned positions
+                                             # (position learned, GPT-2), else rotary in attention; Parcae: e <- norm(e)
     h = h_0(e)                               # zeros | e | noise; None when every loop restarts from e (FLT family)
     for t in 0..loops-1:                     # the same core layers every loop
         u = entry_norm(enter(h, e))          # none: h | add: h + e | concat: W[h; e] | parcae: a h + delta B e
@@ -15,10 +16,11 @@ configuration_loopstack.py next to the weights; they import only torch and trans
 
 Parameter names are loopstack's (`core.0.attn.wq.weight`, `injection.parcae.A_log`, `loop_lora.0.wq.A`, ...), so
 the weights file is loopstack's TP=1 state dict as it is. What must match loopstack bit for bit is written the way
-loopstack computes it: RMSNorm through `F.rms_norm`; rotary tables in float64 then cast, rotating the pairs
-(x_i, x_{i + hd/2}) as (x1 cos + x2 sin, x2 cos - x1 sin); the random h_0 of Huginn / Parcae as a fixed function
-of the position: row p drawn from a generator seeded with (noise_seed + 7919 p) mod 2^63, truncated normal with
-std state_init_std cut at 3 std (loopstack's eval-mode `_initial_noise`).
+loopstack computes it: RMSNorm through `F.rms_norm` (LayerNorm, norm_kind layer, through `F.layer_norm`); rotary
+tables in float64 then cast, rotating the pairs (x_i, x_{i + hd/2}) as (x1 cos + x2 sin, x2 cos - x1 sin); the
+random h_0 of Huginn / Parcae as a fixed function of the position: row p drawn from a generator seeded with
+(noise_seed + 7919 p) mod 2^63, truncated normal with std state_init_std cut at 3 std (loopstack's eval-mode
+`_initial_noise`).
 
 KV cache (transformers' `Cache`, `forward(cache=)`): attention is causal at every (loop, layer), so a looped
 model caches like a transformer of depth n_prelude + loops * n_core + n_coda, one slot per (loop, layer):
@@ -57,6 +59,25 @@ class LoopstackRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, (self.dim,), self.weight, self.eps)
+
+
+class LoopstackLayerNorm(nn.Module):
+    """LayerNorm over the last dim, with a learnable weight and bias when affine (norm_kind layer: GPT-2)."""
+
+    def __init__(self, dim: int, affine: bool, eps: float):
+        super().__init__()
+        self.dim, self.eps = dim, eps
+        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
+        self.bias = nn.Parameter(torch.zeros(dim)) if affine else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, (self.dim,), self.weight, self.bias, self.eps)
+
+
+def make_norm(config: LoopstackConfig, dim: int, affine: bool) -> nn.Module:
+    """Every norm but the QK-norm: RMSNorm or LayerNorm (config.norm_kind), with config.norm_eps."""
+    cls = LoopstackLayerNorm if config.norm_kind == "layer" else LoopstackRMSNorm
+    return cls(dim, affine, config.norm_eps)
 
 
 class LoopstackHeadRMSNorm(nn.Module):
@@ -116,7 +137,7 @@ class LoopstackAttention(nn.Module):
         self.wq = nn.Linear(d, self.n_heads * self.head_dim, bias=config.qkv_bias)
         self.wk = nn.Linear(d, self.n_kv * self.head_dim, bias=config.qkv_bias)
         self.wv = nn.Linear(d, self.n_kv * self.head_dim, bias=config.qkv_bias)
-        self.wo = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, d, bias=config.proj_bias)
         affine, eps = config.norm_affine, config.norm_eps
         self.q_norm = LoopstackHeadRMSNorm(self.n_heads, self.head_dim, affine, eps) if config.qk_norm else None
         self.k_norm = LoopstackHeadRMSNorm(self.n_kv, self.head_dim, affine, eps) if config.qk_norm else None
@@ -129,7 +150,8 @@ class LoopstackAttention(nn.Module):
         v = adapt(lora, "wv", self.wv(x_kv), x_kv, loop).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, ctx.rope), apply_rotary(k, ctx.rope)
+        if ctx.rope is not None:  # None with learned positions
+            q, k = apply_rotary(q, ctx.rope), apply_rotary(k, ctx.rope)
         if ctx.cache is not None:
             k, v = ctx.cache.update(k, v, slot)
         # no mask: T queries on T keys are causal, one query (decoding) sees every cached key
@@ -140,20 +162,23 @@ class LoopstackAttention(nn.Module):
 
 
 class LoopstackMLP(nn.Module):
-    """SwiGLU: down(silu(gate x) * up x); ReLU^2: down(relu(up x)^2). Bias-free."""
+    """SwiGLU: down(silu(gate x) * up x); ReLU^2: down(relu(up x)^2); GELU: down(gelu_tanh(up x)) (GPT-2's
+    gelu_new). Biases with proj_bias."""
 
     def __init__(self, config: LoopstackConfig):
         super().__init__()
-        d, hidden = config.d_model, config.mlp_hidden
+        d, hidden, bias = config.d_model, config.mlp_hidden, config.proj_bias
         self.kind = config.mlp
-        self.w_up = nn.Linear(d, hidden, bias=False)
-        self.w_gate = nn.Linear(d, hidden, bias=False) if config.mlp == "swiglu" else None
-        self.w_down = nn.Linear(hidden, d, bias=False)
+        self.w_up = nn.Linear(d, hidden, bias=bias)
+        self.w_gate = nn.Linear(d, hidden, bias=bias) if config.mlp == "swiglu" else None
+        self.w_down = nn.Linear(hidden, d, bias=bias)
 
     def forward(self, x: torch.Tensor, lora: dict | None, loop: int) -> torch.Tensor:
         up = adapt(lora, "w_up", self.w_up(x), x, loop)
         if self.kind == "swiglu":
             h = F.silu(adapt(lora, "w_gate", self.w_gate(x), x, loop)) * up
+        elif self.kind == "gelu":
+            h = F.gelu(up, approximate="tanh")
         else:
             h = F.relu(up).square()
         return adapt(lora, "w_down", self.w_down(h), h, loop)
@@ -166,15 +191,15 @@ class LoopstackLayer(nn.Module):
 
     def __init__(self, config: LoopstackConfig, recall_at: str = "none"):
         super().__init__()
-        d, affine, eps = config.d_model, config.norm_affine, config.norm_eps
+        d, affine = config.d_model, config.norm_affine
         self.recall_at = recall_at
-        self.attn_norm = LoopstackRMSNorm(d, affine, eps)
+        self.attn_norm = make_norm(config, d, affine)
         self.attn = LoopstackAttention(config)
-        self.mlp_norm = LoopstackRMSNorm(d, affine, eps)
+        self.mlp_norm = make_norm(config, d, affine)
         self.mlp = LoopstackMLP(config)
         sandwich = config.norm == "sandwich"
-        self.attn_out_norm = LoopstackRMSNorm(d, affine, eps) if sandwich else None
-        self.mlp_out_norm = LoopstackRMSNorm(d, affine, eps) if sandwich else None
+        self.attn_out_norm = make_norm(config, d, affine) if sandwich else None
+        self.mlp_out_norm = make_norm(config, d, affine) if sandwich else None
 
     def forward(self, x: torch.Tensor, ctx: _Context, slot: int, *, query: torch.Tensor | None = None,
                 recall: torch.Tensor | None = None, lora: dict | None = None, loop: int = 0) -> torch.Tensor:
@@ -226,21 +251,22 @@ class LoopstackRecurrence(nn.Module):
 
     def __init__(self, config: LoopstackConfig):
         super().__init__()
-        d, affine, eps = config.d_model, config.norm_affine, config.norm_eps
-        self.entry_norm = LoopstackRMSNorm(d, affine, eps) if config.entry_norm else None
+        d, affine = config.d_model, config.norm_affine
+        self.entry_norm = make_norm(config, d, affine) if config.entry_norm else None
         if not config.restart and config.injection == "concat":
             self.adapter = LoopstackAdapter(d)
         if not config.restart and config.injection == "parcae":
-            self.e_norm = LoopstackRMSNorm(d, True, eps)
+            self.e_norm = make_norm(config, d, True)
             self.parcae = LoopstackParcaeMap(d)
         if config.state_inject == "stream_all":
-            self.stream_norms = nn.ModuleList(LoopstackRMSNorm(d, affine, eps) for _ in range(config.n_core))
+            self.stream_norms = nn.ModuleList(make_norm(config, d, affine) for _ in range(config.n_core))
 
 
 class _Context:
-    """What every layer of one forward shares: rotary tables, attention mask (None: causal), cache."""
+    """What every layer of one forward shares: rotary tables (None: learned positions), attention mask (None:
+    causal), cache."""
 
-    def __init__(self, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None, cache: Cache | None):
+    def __init__(self, rope: tuple[torch.Tensor, torch.Tensor] | None, mask: torch.Tensor | None, cache: Cache | None):
         self.rope, self.mask, self.cache = rope, mask, cache
 
 
@@ -264,9 +290,11 @@ class LoopstackPreTrainedModel(PreTrainedModel):
             init.normal_(module.weight, std=std)
             if getattr(module, "bias", None) is not None:
                 init.zeros_(module.bias)
-        elif isinstance(module, (LoopstackRMSNorm, LoopstackHeadRMSNorm)):
+        elif isinstance(module, (LoopstackRMSNorm, LoopstackHeadRMSNorm, LoopstackLayerNorm)):
             if module.weight is not None:
                 init.ones_(module.weight)
+            if getattr(module, "bias", None) is not None:
+                init.zeros_(module.bias)
         elif isinstance(module, LoopLoRA):
             bound = 1.0 / math.sqrt(module.A.shape[-1])
             init.uniform_(module.A, -bound, bound)
@@ -285,12 +313,13 @@ class LoopstackForCausalLM(LoopstackPreTrainedModel, GenerationMixin):
         d = config.d_model
         recall_at = config.internal_recall
         self.embed = nn.Embedding(config.vocab_size, d)
+        self.pos_embed = nn.Embedding(config.max_positions, d) if config.position == "learned" else None
         self.prelude = nn.ModuleList(LoopstackLayer(config) for _ in range(config.n_prelude))
         self.core = nn.ModuleList(LoopstackLayer(config, recall_at) for _ in range(config.n_core))
         self.coda = nn.ModuleList(LoopstackLayer(config) for _ in range(config.n_coda))
         self.injection = LoopstackRecurrence(config)
-        self.outer_norm = LoopstackRMSNorm(d, config.norm_affine, config.norm_eps) if config.outer_norm else None
-        self.norm = LoopstackRMSNorm(d, config.norm_affine, config.norm_eps)
+        self.outer_norm = make_norm(config, d, config.norm_affine) if config.outer_norm else None
+        self.norm = make_norm(config, d, config.norm_affine)
         self.lm_head = None if config.tie_embeddings else nn.Linear(d, config.vocab_size, bias=False)
         self.loop_lora = self._build_lora(config) if config.loop_lora_rank else None
         self._noise_rows = torch.empty(0, d, device="cpu")  # the random h_0, one row per position (grown on demand)
@@ -340,6 +369,8 @@ class LoopstackForCausalLM(LoopstackPreTrainedModel, GenerationMixin):
         e = self.embed(input_ids)
         if self.config.embed_scale:
             e = e * math.sqrt(self.config.d_model)
+        if self.pos_embed is not None:  # learned absolute positions (GPT-2): the positions of the real tokens
+            e = e + self.pos_embed(positions)
         for i, layer in enumerate(self.prelude):
             e = layer(e, ctx, i)
         if self.config.injection == "parcae" and not self.config.restart:
@@ -454,8 +485,14 @@ class LoopstackForCausalLM(LoopstackPreTrainedModel, GenerationMixin):
             mask = ((causal[None] & attention_mask.bool()[:, None, :]) | own[None])[:, None]
         elif past > 0 and T > 1:
             mask = torch.ones(T, S, dtype=torch.bool, device=device).tril(past)[None, None]
-        rope = rotary_tables(position_ids, self.config.d_model // self.config.n_heads, self.config.rope_theta,
-                             self.embed.weight.dtype)
+        rope = None
+        if self.config.position == "learned":
+            if S > self.config.max_positions:
+                raise ValueError(f"{S} positions (cached {past} + new {T}) exceed max_positions = "
+                                 f"{self.config.max_positions} of the learned position embedding")
+        else:
+            rope = rotary_tables(position_ids, self.config.d_model // self.config.n_heads, self.config.rope_theta,
+                                 self.embed.weight.dtype)
         return _Context(rope, mask, cache), position_ids
 
 

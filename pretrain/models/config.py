@@ -41,14 +41,26 @@ class ModelConfig:
     n_core: int = param(2, min=1, help="layers in the looped block")
     n_coda: int = param(0, min=0, help="ordinary layers after the loop")
     vocab_size: int = param(0, min=0, help="0 = the tokenizer's vocabulary size")
-    mlp: Literal["swiglu", "relu2"] = param("relu2", help="MLP type")
+    mlp: Literal["swiglu", "relu2", "gelu"] = param(
+        "relu2", help="MLP type: swiglu down(silu(gate x) * up x), relu2 down(relu(up x)^2), "
+                      "gelu down(gelu_tanh(up x)) (GPT-2)")
     mlp_ratio: float = param(4.0, min=0.5, help="MLP hidden size / d_model (rounded up to a multiple of 16)")
     mlp_hidden: int = param(0, min=0, help="MLP hidden size given exactly (imported models); 0 = from mlp_ratio")
     qkv_bias: bool = param(False, help="biases on the query/key/value projections (Qwen2-style imported models)")
-    norm_eps: float = param(1e-6, min=0.0, help="epsilon of every RMSNorm")
+    proj_bias: bool = param(False, help="biases on the attention output and MLP projections (wo, w_gate, w_up, "
+                                        "w_down: GPT-2-style imported models)")
+    norm_kind: Literal["rms", "layer"] = param(
+        "rms", help="every norm of the model (layers, loop norms, final norm; not the QK-norm): rms = RMSNorm, "
+                    "layer = LayerNorm (mean removed, weight and bias when affine: GPT-2)")
+    norm_eps: float = param(1e-6, min=0.0, help="epsilon of every norm")
     tie_embeddings: bool = param(True, help="head shares the embedding matrix")
     qk_norm: bool = param(True, help="RMSNorm on queries and keys (per head)")
     logit_softcap: float = param(0.0, min=0.0, help="c * tanh(z / c) on logits; 0 = off")
+    position: Literal["rope", "learned"] = param(
+        "rope", help="rope = rotary embeddings in attention; learned = absolute position embeddings [max_positions, "
+                     "d_model] added to the token embedding (GPT-2), no rotary")
+    max_positions: int = param(0, min=0, help="positions of the learned position embedding (position: learned, "
+                                              "required there); sequences may not be longer")
     rope_theta: float = param(10000.0, min=1.0, help="rotary base")
     init_std: float = param(0.02, min=0.0, help="std of weight init (output projections: / sqrt(2 x layers))")
     # --- loop switches: null = the variant's recipe (see RECIPES) ---
@@ -64,7 +76,8 @@ class ModelConfig:
                    "attention (LT_ia / FLT), or x <- norm(x + h) before every layer (FLT_res)")
     norm: NormStyle | None = param(None, help="layer norm placement: pre-norm or sandwich (Huginn)")
     outer_norm: bool | None = param(None, help="RMS-normalise the loop state after every loop (and h_0)")
-    norm_affine: bool | None = param(None, help="learnable RMSNorm weights (the FLT recipes use none)")
+    norm_affine: bool | None = param(None, help="learnable norm weights (and LayerNorm biases; the FLT recipes use "
+                                                "none)")
     state_init: StateInit | None = param(None, help="h_0: zeros, the embedded input, or truncated-normal noise")
     state_init_std: float | None = param(None, min=0.0, help="std of random h_0 (Huginn: 0.63)")
     embed_scale: bool | None = param(None, help="multiply the embedding by sqrt(d_model) (Huginn)")
@@ -76,11 +89,24 @@ class ModelConfig:
         [], help="core projections that get per-loop adapters, among wq wk wv wo w_gate w_up w_down "
                  "(w_gate: swiglu only); [] = all of the model's")
 
+    def check_positions(self, seq_len: int) -> None:
+        """Learned positions need a table (max_positions >= 1) as long as the training sequences. Two keys (and the
+        data section): checked on the resolved config, like `LoopConfig.check_depth`, so `--set` flags may come in
+        any order."""
+        if self.position != "learned":
+            return
+        if self.max_positions < 1:
+            raise ConfigError("model.position = learned needs model.max_positions >= 1 (the rows of the position "
+                              "embedding)")
+        if seq_len > self.max_positions:
+            raise ConfigError(f"data.seq_len = {seq_len} is longer than model.max_positions = {self.max_positions} "
+                              f"(the learned position embedding has no rows past it)")
+
     def check(self) -> None:
         kv = self.n_kv_heads or self.n_heads
         if self.d_model % self.n_heads:
             raise ConfigError(f"d_model = {self.d_model} is not divisible by n_heads = {self.n_heads}")
-        if (self.d_model // self.n_heads) % 2:
+        if self.position == "rope" and (self.d_model // self.n_heads) % 2:
             raise ConfigError(f"head dim d_model / n_heads = {self.d_model // self.n_heads} must be even (rotary)")
         if self.n_heads % kv:
             raise ConfigError(f"n_kv_heads = {kv} does not divide n_heads = {self.n_heads}")

@@ -1,6 +1,7 @@
 """FLOPs per token of a looped model, for model-FLOPs and hardware-FLOPs utilisation.
 
-Counting (matrix multiplies only; norms, rotary, softmax and elementwise work are ignored, as usual):
+Counting (matrix multiplies only; norms, rotary, softmax, biases, position-embedding lookups and elementwise work
+are ignored, as usual):
 - a matmul with an n x m weight costs 2 n m FLOPs per token forward and twice that backward (input and weight
   gradients), so a backpropagated pass costs 3x its forward;
 - attention scores and values cost 4 * seq * d_q per token per layer for the full T x T products; with the default
@@ -78,7 +79,7 @@ def flops_per_token(model_cfg: ModelConfig, seq_len: int, loops: int, backprop_l
 
     attn = 4 * seq_len * d_q * (0.5 if attention == "causal" else 1.0)
     proj = 2 * (d * d_q + 2 * d * d_kv + d_q * d)
-    mlp = 2 * (3 if model_cfg.mlp == "swiglu" else 2) * d * mlp_hidden(model_cfg)
+    mlp = 2 * (3 if model_cfg.mlp == "swiglu" else 2) * d * mlp_hidden(model_cfg)  # relu2, gelu: up and down
     layer = proj + mlp + attn
     inject = {"concat": 2 * 2 * d * d, "parcae": 2 * d * d}.get(sw.injection, 0)
     lora = loop_lora_flops(model_cfg)  # per-loop adapters: part of every loop, recomputed with its layers

@@ -122,17 +122,23 @@ def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, *, loop
                    eos_id: int | None = None, pad_id: int = 0, use_cache: bool = True,
                    exit_epsilon: float | None = None,
                    stop: Callable[[int, list[int]], bool] | None = None) -> Generation:
-    """Continue prompts of any lengths in one batch: left-padded with `pad_id` and masked (the model's
-    `attention_mask`: rotary positions count real tokens, padding is never attended), so each row generates what
-    it would alone. Greedy at temperature 0, else sampled (`sample_next`) from a generator seeded with `seed` (every
-    TP rank draws the same). A row stops at `eos_id`, or once `stop(row, its new tokens)` is true (e.g. a stop string
-    decoded; the tokens are kept); the batch stops when every row has. `exit_epsilon`: per-token early exit
-    (`LoopedLM.forward(exit_per_token=True)`; exact with the cache, which still runs every loop)."""
+    """Continue prompts of any lengths in one batch: left-padded with `pad_id` and masked (the model's `attention_mask`:
+    positions, rotary or learned, count real tokens, padding is never attended), so each row generates what it would
+    alone (learned positions: at most model.max_positions positions, a ValueError first). Greedy at temperature 0, else
+    sampled (`sample_next`) from a generator seeded with `seed` (every TP rank draws the same). A row stops at `eos_id`,
+    or once `stop(row, its new tokens)` is true (e.g. a stop string decoded; the tokens are kept); the batch stops when
+    every row has. `exit_epsilon`: per-token early exit (`LoopedLM.forward(exit_per_token=True)`; exact with the cache,
+    which still runs every loop)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     loops = loops or model.cfg.loops
     device = model.embed.weight.device
     B, longest = len(prompts), max(len(p) for p in prompts)
+    limit = model.cfg.max_positions if model.cfg.position == "learned" else 0
+    if limit and longest + max_new_tokens - 1 > limit:  # the last new token is never fed back
+        raise ValueError(f"the longest prompt ({longest} tokens) + {max_new_tokens} new tokens need "
+                         f"{longest + max_new_tokens - 1} positions, more than the learned position embedding's "
+                         f"model.max_positions = {limit}")
     padded = any(len(p) != longest for p in prompts)
     tokens = torch.full((B, longest), pad_id, dtype=torch.long, device=device)
     real = torch.zeros((B, longest), dtype=torch.long, device=device)

@@ -1,5 +1,12 @@
-"""Transformer building blocks on megatron-core's tensor-parallel layers: RMSNorm, rotary embeddings, causal
-attention through torch SDPA, MLPs (SwiGLU, ReLU^2), and the layer that combines them (pre-norm or sandwich).
+"""Transformer building blocks on megatron-core's tensor-parallel layers: norms (RMSNorm, LayerNorm), rotary
+embeddings, learned position embeddings, causal attention through torch SDPA, MLPs (SwiGLU, ReLU^2, GELU), and the
+layer that combines them (pre-norm or sandwich).
+
+Every norm of the model (the layers', the loop's in recurrence.py, the final one) is built by `make_norm`, so
+`model.norm_kind` (rms | layer) applies everywhere; the per-head QK-norm stays RMS. `model.position: learned`
+(GPT-2) replaces rotary by a position embedding added to the token embedding (looped.py): attention then gets
+`rope=None`. Biases: `qkv_bias` on wq/wk/wv, `proj_bias` on wo and the MLP projections (column-parallel biases are
+split with the output, row-parallel ones replicated and added after the all-reduce, as megatron does).
 
 Tensor parallelism (Megatron style): Q/K/V and MLP up/gate projections are column-parallel (each rank holds
 a slice of the heads / hidden units), output projections are row-parallel (their all-reduce returns a full,
@@ -104,7 +111,7 @@ def to_tp(x: torch.Tensor) -> torch.Tensor:
     return copy_to_tensor_model_parallel_region(x, group=tp_group())
 
 
-# --- norms and rotary ----------------------------------------------------------------------------------
+# --- norms, rotary and position embeddings -------------------------------------------------------------
 
 class RMSNorm(nn.Module):
     """RMSNorm over the last dim, with or without a learnable scale (the FLT recipes use none)."""
@@ -116,6 +123,45 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, (self.dim,), self.weight, self.eps)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm over the last dim (torch semantics: `F.layer_norm`), with a learnable weight and bias when affine
+    (GPT-2), neither otherwise."""
+
+    def __init__(self, dim: int, affine: bool = True, dtype: torch.dtype = torch.float32, eps: float = NORM_EPS):
+        super().__init__()
+        self.dim, self.eps = dim, eps
+        self.weight = replicated(nn.Parameter(torch.ones(dim, dtype=dtype)), "norm") if affine else None
+        self.bias = replicated(nn.Parameter(torch.zeros(dim, dtype=dtype)), "bias") if affine else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, (self.dim,), self.weight, self.bias, self.eps)
+
+
+NORMS: dict[str, type[nn.Module]] = {"rms": RMSNorm, "layer": LayerNorm}
+
+
+def make_norm(kind: str, dim: int, affine: bool = True, dtype: torch.dtype = torch.float32,
+              eps: float = NORM_EPS) -> nn.Module:
+    """The model's norm of kind `model.norm_kind` (rms | layer): every norm but the QK-norm is built here."""
+    if kind not in NORMS:
+        raise ValueError(f"unknown norm kind {kind!r}; expected one of {', '.join(NORMS)}")
+    return NORMS[kind](dim, affine, dtype, eps)
+
+
+class PositionEmbedding(nn.Module):
+    """Learned absolute position embeddings [max_positions, d] (model.position: learned), replicated on every TP
+    rank; `forward(positions)` of any shape returns their rows. Drawn N(0, std) from the default RNG."""
+
+    def __init__(self, max_positions: int, dim: int, std: float, dtype: torch.dtype):
+        super().__init__()
+        self.max_positions = max_positions
+        self.weight = replicated(nn.Parameter(torch.empty(max_positions, dim, dtype=dtype)), "embedding")
+        nn.init.normal_(self.weight, std=std)
+
+    def forward(self, positions: torch.Tensor) -> torch.Tensor:
+        return F.embedding(positions, self.weight)
 
 
 class HeadNorm(nn.Module):
@@ -168,19 +214,21 @@ class Attention(nn.Module):
         self.wk = col(d, n_kv * self.head_dim, bias=cfg.qkv_bias)
         self.wv = col(d, n_kv * self.head_dim, bias=cfg.qkv_bias)
         self.wo = RowParallelLinear(cfg.n_heads * self.head_dim, d, config=mp, init_method=normal_init(out_std),
-                                    bias=False, input_is_parallel=True, skip_bias_add=False, tp_group=tp_group())
+                                    bias=cfg.proj_bias, input_is_parallel=True, skip_bias_add=False,
+                                    tp_group=tp_group())
         for proj in (self.wq, self.wk, self.wv, self.wo):
             declare_role(proj.weight, "matrix")  # megatron creates them: the role is declared right after
-            declare_role(proj.bias, "bias")  # None without qkv_bias
+            declare_role(proj.bias, "bias")  # None without qkv_bias / proj_bias
         eps = cfg.norm_eps
         self.q_norm = HeadNorm(self.n_local, self.head_dim, affine, mp.params_dtype, eps) if cfg.qk_norm else None
         self.k_norm = HeadNorm(self.n_local_kv, self.head_dim, affine, mp.params_dtype, eps) if cfg.qk_norm else None
 
     def forward(self, x_q: torch.Tensor, x_kv: torch.Tensor, rope, mask: torch.Tensor | None = None,
                 kv_cache=None, lora: LoRA | None = None) -> torch.Tensor:
-        """`mask`: None = causal with queries aligned to the last keys; else a boolean [B or 1, 1, Tq, Tk]
-        (True = may attend). `kv_cache`: a `generate.LayerKV` that appends this call's keys/values. `lora`:
-        per-loop adapter deltas by projection name (lora.py)."""
+        """`rope`: the rotary tables, None with learned positions (no rotary). `mask`: None = causal with queries
+        aligned to the last keys; else a boolean [B or 1, 1, Tq, Tk] (True = may attend). `kv_cache`: a
+        `generate.LayerKV` that appends this call's keys/values. `lora`: per-loop adapter deltas by projection name
+        (lora.py)."""
         B, T, _ = x_q.shape
         kv_in = to_tp(x_kv)
         q_in = kv_in if x_q is x_kv else to_tp(x_q)
@@ -192,7 +240,8 @@ class Attention(nn.Module):
         v = v.view(B, T, self.n_local_kv, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, rope), apply_rotary(k, rope)
+        if rope is not None:
+            q, k = apply_rotary(q, rope), apply_rotary(k, rope)
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)
         # a single query (decode) attends to every cached key: no mask; T queries on T keys: causal
@@ -206,29 +255,34 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate x) * up x); ReLU^2: down(relu(up x)^2). Bias-free."""
+    """SwiGLU: down(silu(gate x) * up x); ReLU^2: down(relu(up x)^2); GELU (GPT-2): down(gelu(up x)) with the tanh
+    approximation (transformers' gelu_new). Biases on every projection with `proj_bias`."""
 
     def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, out_std: float):
         super().__init__()
         hidden, tp = mlp_hidden(cfg), tp_world()
         if hidden % tp:
             raise ValueError(f"MLP width {hidden} is not divisible by TP = {tp}")
-        col = partial(ColumnParallelLinear, config=mp, init_method=normal_init(cfg.init_std), bias=False,
+        col = partial(ColumnParallelLinear, config=mp, init_method=normal_init(cfg.init_std), bias=cfg.proj_bias,
                       disable_grad_reduce=True, tp_group=tp_group())
         self.kind = cfg.mlp
         self.w_up = col(cfg.d_model, hidden)
         self.w_gate = col(cfg.d_model, hidden) if cfg.mlp == "swiglu" else None
-        self.w_down = RowParallelLinear(hidden, cfg.d_model, config=mp, init_method=normal_init(out_std), bias=False,
-                                        input_is_parallel=True, skip_bias_add=False, tp_group=tp_group())
+        self.w_down = RowParallelLinear(hidden, cfg.d_model, config=mp, init_method=normal_init(out_std),
+                                        bias=cfg.proj_bias, input_is_parallel=True, skip_bias_add=False,
+                                        tp_group=tp_group())
         for proj in (self.w_up, self.w_gate, self.w_down):
             if proj is not None:
                 declare_role(proj.weight, "matrix")
+                declare_role(proj.bias, "bias")  # None without proj_bias
 
     def forward(self, x: torch.Tensor, lora: LoRA | None = None) -> torch.Tensor:
         x_tp = to_tp(x)
         up = adapt(lora, "w_up", self.w_up(x_tp)[0], x)  # column-parallel adapters read the replicated input
         if self.kind == "swiglu":
             h = F.silu(adapt(lora, "w_gate", self.w_gate(x_tp)[0], x)) * up
+        elif self.kind == "gelu":
+            h = F.gelu(up, approximate="tanh")
         else:
             h = F.relu(up).square()
         return adapt(lora, "w_down", self.w_down(h)[0], h)
@@ -242,7 +296,7 @@ class Layer(nn.Module):
     pre-norm:  x = x + attn(n1 x);      x = x + mlp(n3 x)
     sandwich:  x = n2(x + attn(n1 x));  x = n4(x + mlp(n3 x))     (the output is always normalised)
 
-    (n1 attn_norm, n2 attn_out_norm, n3 mlp_norm, n4 mlp_out_norm.)
+    (n1 attn_norm, n2 attn_out_norm, n3 mlp_norm, n4 mlp_out_norm: `make_norm` of model.norm_kind.)
 
     Optional inputs from the loop: `query` (queries read n1(query) instead of n1(x): FLT), `recall` (the
     input embedding added to the stream before the layer, before the MLP, or both: internal recall) and `lora`
@@ -254,13 +308,14 @@ class Layer(nn.Module):
         super().__init__()
         d, dtype = cfg.d_model, mp.params_dtype
         self.recall_at = recall_at
-        self.attn_norm = RMSNorm(d, affine, dtype, cfg.norm_eps)
+        norm_of = partial(make_norm, cfg.norm_kind, d, affine, dtype, cfg.norm_eps)
+        self.attn_norm = norm_of()
         self.attn = Attention(cfg, mp, affine, out_std)
-        self.mlp_norm = RMSNorm(d, affine, dtype, cfg.norm_eps)
+        self.mlp_norm = norm_of()
         self.mlp = MLP(cfg, mp, out_std)
         sandwich = norm == "sandwich"
-        self.attn_out_norm = RMSNorm(d, affine, dtype, cfg.norm_eps) if sandwich else None
-        self.mlp_out_norm = RMSNorm(d, affine, dtype, cfg.norm_eps) if sandwich else None
+        self.attn_out_norm = norm_of() if sandwich else None
+        self.mlp_out_norm = norm_of() if sandwich else None
 
     def forward(self, x: torch.Tensor, rope, *, mask: torch.Tensor | None = None, query: torch.Tensor | None = None,
                 recall: torch.Tensor | None = None, kv_cache=None, lora: LoRA | None = None) -> torch.Tensor:

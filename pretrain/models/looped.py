@@ -38,9 +38,13 @@ diagnostics (`Recorder.observe`) watch it; early exit (`_run_with_exit`) and the
   that every cache slot is filled; a frozen token's later-loop keys/values come from its frozen state).
 - cache (inference): a `generate.KVCache`; `tokens` are then the next chunk after the cached positions.
 - attention_mask (inference, batched prompts of different lengths): [B, cached + T], 1 for a real token, 0 for
-  (left) padding. Rotary positions count real tokens only (position = number of real tokens before), padded keys
-  are masked, and a padding query attends to itself only (so nothing is NaN). With it, each row computes exactly
-  what it computes alone.
+  (left) padding. Positions (rotary, or the rows of a learned position embedding) count real tokens only
+  (position = number of real tokens before), padded keys are masked, and a padding query attends to itself only
+  (so nothing is NaN). With it, each row computes exactly what it computes alone.
+- positions (`model.position`): rotary inside attention (relative: packed documents under doc_ids see what they see
+  alone), or learned absolute embeddings added to the token embedding before the prelude (GPT-2; no rotary; a
+  packed document keeps its offset in the row, as GPT-2 was trained; at most model.max_positions positions, a
+  ValueError beyond, cached ones included).
 - random h_0 (Huginn, Parcae): fresh truncated-normal noise every call in training mode, from a generator seeded
   at build (identical on every TP rank; not in the state_dict: the trainer saves it per rank with
   `noise_state()` and restores it, so a resumed run draws what an uninterrupted one would);
@@ -64,8 +68,9 @@ from pretrain.models.diagnostics import EarlyExit, LoopDiagnostics, Recorder
 from pretrain.models.generate import KVCache, generate
 from pretrain.models.layers import (
     Layer,
-    RMSNorm,
+    PositionEmbedding,
     declare_role,
+    make_norm,
     normal_init,
     parallel_config,
     rotary_tables,
@@ -86,9 +91,10 @@ class LoopedOutput:
 
 @dataclass
 class _Context:
-    """What every layer of one forward shares: rotary tables, attention mask, KV cache, loop count."""
+    """What every layer of one forward shares: rotary tables (None with learned positions), positions (the learned
+    position embedding's rows, the random h_0's), attention mask, KV cache, loop count."""
 
-    rope: tuple[torch.Tensor, torch.Tensor]
+    rope: tuple[torch.Tensor, torch.Tensor] | None
     positions: torch.Tensor
     mask: torch.Tensor | None
     cache: KVCache | None
@@ -151,15 +157,19 @@ class LoopedLM(nn.Module):
         # construction order fixes the RNG stream: keep it independent of TP
         self.embed = VocabParallelEmbedding(padded_vocab(vocab_size), d, init_method=normal_init(cfg.init_std),
                                             config=mp, tp_group=tp_group())
+        # learned absolute positions (GPT-2), replicated; drawn only when present, so rotary models are unchanged
+        self.pos_embed = (PositionEmbedding(cfg.max_positions, d, cfg.init_std, dtype)
+                          if cfg.position == "learned" else None)
         layer = partial(Layer, cfg, mp, norm=sw.norm, affine=sw.norm_affine, out_std=out_std)
         self.prelude = nn.ModuleList(layer() for _ in range(cfg.n_prelude))
         self.core = nn.ModuleList(layer(recall_at=sw.internal_recall) for _ in range(cfg.n_core))
         self.coda = nn.ModuleList(layer() for _ in range(cfg.n_coda))
         # the recurrence (recurrence.py; registered as `injection`: its parameters are named injection.*)
-        self.injection: Recurrence = build_recurrence(sw, d, cfg.n_core, cfg.init_std, dtype, cfg.norm_eps)
-        self.outer_norm = RMSNorm(d, sw.norm_affine, dtype, cfg.norm_eps) if sw.outer_norm else None
+        self.injection: Recurrence = build_recurrence(sw, d, cfg.n_core, cfg.init_std, dtype, cfg.norm_eps,
+                                                      cfg.norm_kind)
+        self.outer_norm = make_norm(cfg.norm_kind, d, sw.norm_affine, dtype, cfg.norm_eps) if sw.outer_norm else None
         self.injection.bind_exit(self.outer_norm)
-        self.norm = RMSNorm(d, sw.norm_affine, dtype, cfg.norm_eps)
+        self.norm = make_norm(cfg.norm_kind, d, sw.norm_affine, dtype, cfg.norm_eps)
         self.lm_head = ColumnParallelLinear(d, padded_vocab(vocab_size), config=mp, bias=False,
                                             init_method=normal_init(cfg.init_std),
                                             skip_weight_param_allocation=cfg.tie_embeddings, tp_group=tp_group())
@@ -283,6 +293,8 @@ class LoopedLM(nn.Module):
         x = self.embed(tokens)
         if self.switches.embed_scale:
             x = x * math.sqrt(self.cfg.d_model)
+        if self.pos_embed is not None:  # learned positions: [T, d] or per row [B, T, d] (padding, cache offset)
+            x = x + self.pos_embed(ctx.positions)
         for i, layer in enumerate(self.prelude):
             x = self._layer(layer, x, ctx, i)
         return x
@@ -324,20 +336,26 @@ class LoopedLM(nn.Module):
         B, T = tokens.shape
         start = cache.pos if cache is not None else 0
         head_dim, dtype = self.cfg.d_model // self.cfg.n_heads, self.embed.weight.dtype
+        learned = self.pos_embed is not None
+        if learned and start + T > self.cfg.max_positions:  # positions never exceed start + T - 1
+            raise ValueError(f"{start + T} positions (cached {start} + new {T}) exceed model.max_positions = "
+                             f"{self.cfg.max_positions} of the learned position embedding")
         if attention_mask is not None:  # padded prompts: per-row positions, padded keys masked
             if doc_ids is not None or tuple(attention_mask.shape) != (B, start + T):
                 raise ValueError(f"attention_mask must be [batch, cached + new] = [{B}, {start + T}] (and not "
                                  f"with doc_ids), got {tuple(attention_mask.shape)}")
             real = attention_mask.to(device=tokens.device, dtype=torch.bool)
             positions = (real.long().cumsum(1) - 1).clamp_min(0)[:, start:]  # [B, T]
-            cos, sin = rotary_tables(positions.reshape(-1), head_dim, self.cfg.rope_theta, dtype)
-            rope = (cos.view(B, 1, T, -1), sin.view(B, 1, T, -1))
+            rope = None
+            if not learned:
+                cos, sin = rotary_tables(positions.reshape(-1), head_dim, self.cfg.rope_theta, dtype)
+                rope = (cos.view(B, 1, T, -1), sin.view(B, 1, T, -1))
             q_at = torch.arange(start, start + T, device=tokens.device)[:, None]
             k_at = torch.arange(start + T, device=tokens.device)[None, :]
             mask = ((real[:, None, None, :] & (k_at <= q_at)) | (k_at == q_at))  # [B, 1, T, start + T]
             return _Context(rope=rope, positions=positions, mask=mask, cache=cache, loops=loops)
         positions = torch.arange(start, start + T, device=tokens.device)
-        rope = rotary_tables(positions, head_dim, self.cfg.rope_theta, dtype)
+        rope = None if learned else rotary_tables(positions, head_dim, self.cfg.rope_theta, dtype)
         mask = None
         if doc_ids is not None:  # attend only within the same document (packed sequences)
             causal = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pretrain.models.config import Switches
-from pretrain.models.layers import RMSNorm, replicated
+from pretrain.models.layers import make_norm, replicated
 
 # layer(i, x, query=, recall=) runs core layer i of the current loop (the model supplies it: KV-cache slot, LoRA,
 # checkpointing)
@@ -57,14 +57,19 @@ class Recurrence(nn.Module):
     internal recall, h_0 (state_init) and the outer norm. Parameters live in submodules called through forward
     (so ZeRO-3 gathers them); the parameter names (`injection.*`) are the checkpoints'."""
 
-    def __init__(self, sw: Switches, d: int, n_core: int, init_std: float, dtype: torch.dtype, eps: float):
+    def __init__(self, sw: Switches, d: int, n_core: int, init_std: float, dtype: torch.dtype, eps: float,
+                 norm_kind: str = "rms"):
         super().__init__()
-        self.sw, self.n_core, self.eps = sw, n_core, eps
+        self.sw, self.n_core, self.eps, self.norm_kind = sw, n_core, eps, norm_kind
         self.exit_norm: nn.Module | None = None  # the model's `outer_norm`, bound by `bind_exit`
-        self.entry_norm = RMSNorm(d, sw.norm_affine, dtype, eps) if sw.entry_norm else None
+        self.entry_norm = self.make_norm(d, sw.norm_affine, dtype) if sw.entry_norm else None
         self.create(d, init_std, dtype)  # the family's parameters: after the entry norm, before the layer hooks
         if sw.state_inject == "stream_all":
-            self.stream_norms = nn.ModuleList(RMSNorm(d, sw.norm_affine, dtype, eps) for _ in range(n_core))
+            self.stream_norms = nn.ModuleList(self.make_norm(d, sw.norm_affine, dtype) for _ in range(n_core))
+
+    def make_norm(self, d: int, affine: bool, dtype: torch.dtype) -> nn.Module:
+        """A norm of the model's kind (model.norm_kind: RMSNorm or LayerNorm) and epsilon."""
+        return make_norm(self.norm_kind, d, affine, dtype, self.eps)
 
     def create(self, d: int, init_std: float, dtype: torch.dtype) -> None:
         """Create the family's own parameters (none by default)."""
@@ -199,10 +204,11 @@ class ParcaeMap(nn.Module):
 
 
 class Parcae(Recurrence):
-    """`parcae`: e = RMSNorm(Prelude(E x)) (learnable scale); h_t = B(exp(delta A) h_{t-1} + delta B e)."""
+    """`parcae`: e = Norm(Prelude(E x)) (learnable scale; the model's norm kind, RMSNorm by default);
+    h_t = B(exp(delta A) h_{t-1} + delta B e)."""
 
     def create(self, d, init_std, dtype):
-        self.e_norm = RMSNorm(d, True, dtype, self.eps)
+        self.e_norm = self.make_norm(d, True, dtype)
         self.parcae = ParcaeMap(d, dtype)
 
     def prepare(self, e):
@@ -247,5 +253,5 @@ def family(sw: Switches) -> str:
 
 
 def build_recurrence(sw: Switches, d: int, n_core: int, init_std: float, dtype: torch.dtype,
-                     eps: float) -> Recurrence:
-    return REGISTRY[family(sw)](sw, d, n_core, init_std, dtype, eps)
+                     eps: float, norm_kind: str = "rms") -> Recurrence:
+    return REGISTRY[family(sw)](sw, d, n_core, init_std, dtype, eps, norm_kind)

@@ -1,7 +1,8 @@
-"""`loopstack convert hf`: tiny Llama / Qwen2 / Qwen3 models built locally with transformers (random weights, nothing
-downloaded) become loopstack runs. With no sharing the converted model's logits and greedy tokens equal the
+"""`loopstack convert hf`: tiny Llama / Qwen2 / Qwen3 / GPT-2 models built locally with transformers (random weights,
+nothing downloaded) become loopstack runs. With no sharing the converted model's logits and greedy tokens equal the
 source's; with a shared core the config, shapes and core inits are checked, and full-rank per-loop LoRA (SVD of
-each layer's difference to the shared weights) gives the source back exactly."""
+each layer's difference to the shared weights) gives the source back exactly. A converted GPT-2 exported with
+`export hf` loads in transformers and computes the same logits."""
 
 from __future__ import annotations
 
@@ -61,6 +62,27 @@ def make_source(path: Path, tok_dir: Path, kind: str = "llama", *, layers: int =
     return model
 
 
+def make_gpt2(path: Path, tok_dir: Path, *, layers: int = 4, tie: bool = True, seed: int = 0):
+    """A random-weight GPT2LMHeadModel (n_embd 64, 4 heads, 64 positions) saved to `path` with the test tokenizer:
+    weights and biases N(0, 0.2), LayerNorm weights 1 + N(0, 0.2), position table N(0, 0.2)."""
+    import transformers
+
+    config = transformers.GPT2Config(n_embd=64, n_layer=layers, n_head=4, vocab_size=VOCAB, n_positions=64,
+                                     tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2,
+                                     attn_implementation="eager")
+    torch.manual_seed(seed)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            is_norm = (".ln_" in name or name.startswith("transformer.ln_f")) and name.endswith(".weight")
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2 + (1.0 if is_norm else 0.0))
+    model.save_pretrained(str(path))
+    for f in tok_dir.iterdir():
+        (path / f.name).write_bytes(f.read_bytes())
+    return model
+
+
 def convert(src: Path, out: Path, n_core: int, *, n_prelude=None, n_coda=None, loops=None, init="stepwise",
             rank: int = 0) -> int:
     from pretrain.hf.convert import run_convert
@@ -111,6 +133,73 @@ def test_no_sharing_equals_the_source(tmp_path, tok_dir, kind, tie, capsys):
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert torch.isinf(loaded.model(TOKENS).logits[..., VOCAB:]).all()  # padded ids masked
     assert torch.equal(loaded.model.generate(TOKENS, 6), hf_greedy(model, TOKENS, 6))
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_gpt2_no_sharing_equals_the_source(tmp_path, tok_dir, tie):
+    """GPT-2 (LayerNorm with biases, learned positions, GELU, Conv1D weights, fused c_attn) with no sharing: the
+    converted model's logits and greedy tokens are the source's."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    model = make_gpt2(src, tok_dir, tie=tie)
+    assert convert(src, out, 4) == 0
+    loaded = ours(out)
+    m = loaded.cfg.model
+    assert (m.mlp, m.norm_kind, m.position, m.max_positions, m.norm_eps) == ("gelu", "layer", "learned", 64, 1e-5)
+    assert m.qkv_bias and m.proj_bias and not m.qk_norm and m.tie_embeddings == tie and m.mlp_hidden == 256
+    assert (m.n_core, m.loops) == (4, 1) and loaded.cfg.data.seq_len == 64
+    want, got = hf_logits(model, TOKENS), our_logits(loaded, TOKENS)
+    assert want.abs().max() > 1.0
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert torch.equal(loaded.model.generate(TOKENS, 6), hf_greedy(model, TOKENS, 6))
+
+
+def test_gpt2_shared_core_and_export(tmp_path, tok_dir):
+    """GPT-2 with a shared core (average init) and per-loop LoRA: the core weights are the group means of the
+    transposed / split source tensors (biases and LayerNorm biases too), the position table and final norm are
+    copied, LoRA covers every projection (no gate); the no-sharing conversion exported with `export hf` loads in
+    transformers and gives loopstack's (and the source's) logits."""
+    from pretrain.hf.export import export_hf
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    model = make_gpt2(src, tok_dir, layers=6)
+    convert(src, out, 2, n_prelude=1, n_coda=1, init="average", rank=8)  # middle layers 1..4 -> core 2 x 2 loops
+    loaded = ours(out)
+    state = loaded.model.state_dict()
+    h, d = model.transformer.h, 64
+
+    def mean(group, get):
+        return torch.stack([get(h[j]).detach() for j in group]).mean(0)
+
+    for i, group in enumerate(([1, 3], [2, 4])):
+        checks = {"attn.wq.weight": lambda b: b.attn.c_attn.weight[:, :d].t(),
+                  "attn.wv.bias": lambda b: b.attn.c_attn.bias[2 * d:],
+                  "attn.wo.weight": lambda b: b.attn.c_proj.weight.t(),
+                  "mlp.w_up.bias": lambda b: b.mlp.c_fc.bias, "mlp.w_down.weight": lambda b: b.mlp.c_proj.weight.t(),
+                  "attn_norm.bias": lambda b: b.ln_1.bias, "mlp_norm.weight": lambda b: b.ln_2.weight}
+        for name, get in checks.items():
+            torch.testing.assert_close(state[f"core.{i}.{name}"], mean(group, get), msg=name)
+    torch.testing.assert_close(state["coda.0.attn.wk.weight"], h[5].attn.c_attn.weight[:, d:2 * d].t().detach())
+    assert torch.equal(state["pos_embed.weight"], model.transformer.wpe.weight.detach())
+    assert torch.equal(state["norm.bias"], model.transformer.ln_f.bias.detach())
+    assert sorted(k.split(".")[2] for k in state if k.startswith("loop_lora.0.") and k.endswith(".A")) == \
+        ["w_down", "w_up", "wk", "wo", "wq", "wv"]
+    assert state["loop_lora.1.w_up.A"].shape == (2, 8, 64) and state["loop_lora.1.w_up.B"].shape == (2, 256, 8)
+
+    plain = tmp_path / "plain"
+    convert(src, plain, 6)
+    run = ours(plain)
+    exported = export_hf(run, tmp_path / "exported", log=lambda *_: None)
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(exported, trust_remote_code=True).eval()
+    assert (hf.config.position, hf.config.norm_kind, hf.config.mlp) == ("learned", "layer", "gelu")
+    with torch.no_grad():
+        got = hf(TOKENS, use_cache=False).logits
+        want = run.model(TOKENS).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got[..., :VOCAB], hf_logits(model, TOKENS), atol=1e-4, rtol=1e-4)
+    res = hf.generate(TOKENS[:1], max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(res, hf_greedy(model, TOKENS[:1], 6))
 
 
 def test_rope_sign_flip_is_needed(tmp_path, tok_dir):
@@ -225,8 +314,14 @@ def test_bad_inputs_are_one_line_errors(tmp_path, tok_dir, capsys):
     assert "config.json: missing" in _error(capsys, tmp_path / "empty", out, "--n-core", 4)
     gpt2 = tmp_path / "gpt2"
     gpt2.mkdir()
-    (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 4}))
-    assert "gpt2 is not supported" in _error(capsys, gpt2, out, "--n-core", 4)
+    for bad, message in (({"model_type": "gpt_neox"}, "model_type 'gpt_neox' is not supported"),
+                         ({"activation_function": "relu"}, "activation_function = 'relu'"),
+                         ({"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx = true"),
+                         ({"reorder_and_upcast_attn": True}, "reorder_and_upcast_attn = true"),
+                         ({"n_embd": 0}, "n_embd = 0")):
+        hf = {"model_type": "gpt2", "n_layer": 4, "n_embd": 64, "n_head": 4, "vocab_size": 300, "n_positions": 64}
+        (gpt2 / "config.json").write_text(json.dumps({**hf, **bad}))
+        assert message in _error(capsys, gpt2, out, "--n-core", 4)
     assert "not a multiple of --n-core 3" in _error(capsys, src, out, "--n-core", 3)
     assert "not a multiple of --n-core 2 (for --init average)" in _error(capsys, src, out, "--n-core", 2,
                                                                          "--loops", 2, "--n-prelude", 1,

@@ -31,12 +31,16 @@ from pretrain.hf import export as export_mod  # noqa: E402
 from pretrain.hf.export import export_hf, sentencepiece_to_hf  # noqa: E402
 from pretrain.inference import Loaded  # noqa: E402
 from pretrain.models.generate import generate  # noqa: E402
-from tests.models.helpers import VARIANTS, build, tiny  # noqa: E402
+from tests.models.helpers import VARIANTS, build, gpt2_like, tiny  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 # the extra models: per-loop LoRA + GQA + qkv biases + untied head + swiglu + norm_eps; and LoRA on two projections
-# with alpha, no qk-norm, no soft-cap, prelude and coda, recall inside both sublayers
+# with alpha, no qk-norm, no soft-cap, prelude and coda, recall inside both sublayers; GPT-2-style options (LayerNorm
+# with bias, learned positions, GELU, biases on every projection) on a plain model and on Parcae (its input norm and
+# outer-loop norms are LayerNorms then too)
 EXTRA = {
+    "gpt2-like": gpt2_like("looped", n_prelude=1, n_coda=1, logit_softcap=0.0),
+    "parcae+gpt2-options": gpt2_like("parcae", loop_lora_rank=2, tie_embeddings=False),
     "flt+lora+gqa+bias+untied": tiny("flt", loop_lora_rank=2, n_kv_heads=1, qkv_bias=True, tie_embeddings=False,
                                      mlp="swiglu", norm_eps=1e-5),
     "recall_internal+options": tiny("recall_internal", internal_recall="sublayer", qk_norm=False, logit_softcap=0.0,
@@ -118,7 +122,7 @@ def test_logits_equal_loopstack(tp1, tok, tmp_path, case):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5, msg=f"{case}, loops {loops or cfg.loops}")
 
 
-@pytest.mark.parametrize("case", ["flt+lora+gqa+bias+untied", "huginn", "parcae"])
+@pytest.mark.parametrize("case", ["flt+lora+gqa+bias+untied", "huginn", "parcae", "gpt2-like"])
 def test_greedy_generate_equals_loopstack(tp1, tok, tmp_path, case):
     """transformers' generate (DynamicCache, one slot per (loop, layer)) gives loopstack's greedy tokens, at the
     trained loop count (and, for parcae, at loops=8 set at load)."""
@@ -136,10 +140,11 @@ def test_greedy_generate_equals_loopstack(tp1, tok, tmp_path, case):
         assert res.cache.get_seq_length() == res.sequences.shape[1] - 1  # filled up to the last token fed
 
 
-@pytest.mark.parametrize("case", ["flt", "parcae"])
+@pytest.mark.parametrize("case", ["flt", "parcae", "gpt2-like"])
 def test_left_padded_batch(tp1, tok, tmp_path, case):
     """Two prompts of different lengths, left-padded with a 2-D mask: each row's next-token logits and greedy
-    continuation are those of its prompt alone (parcae: the random h_0 follows the real positions)."""
+    continuation are those of its prompt alone (parcae: the random h_0 follows the real positions; gpt2-like: so do
+    the learned position embeddings)."""
     model = randomised(CASES[case], tok, seed=2)
     hf = load_hf(export_hf(loaded(model, tok), tmp_path / "out", log=lambda *_: None))
     prompts = [tok.encode("abc,de;f1=x"), tok.encode("xy;3=")]

@@ -19,6 +19,27 @@ def tiny(variant: str, **kw) -> ModelConfig:
     return ModelConfig(**base)
 
 
+# GPT-2-style options: LayerNorm with biases, learned absolute positions, non-gated GELU MLP, biases on every
+# projection, no QK-norm (what `convert hf` makes of a GPT-2 checkpoint)
+GPT2_LIKE = dict(norm_kind="layer", position="learned", max_positions=64, mlp="gelu", proj_bias=True, qkv_bias=True,
+                 qk_norm=False, norm_eps=1e-5)
+
+
+def gpt2_like(variant: str = "looped", **kw) -> ModelConfig:
+    """`tiny(variant)` with the GPT-2-style options (`GPT2_LIKE`), overridable."""
+    return tiny(variant, **{**GPT2_LIKE, **kw})
+
+
+def randomise_biases_and_norms(model, seed: int = 0, std: float = 0.3) -> None:
+    """Biases N(0, std), LayerNorm / RMSNorm weights N(1, std) (they start at 0 and 1: a test would not see a
+    wrong placement). TP=1 only (a sharded bias would get another draw than its whole tensor)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.optim_role in ("bias", "norm"):
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * std + (p.optim_role == "norm"))
+
+
 def build(cfg: ModelConfig, loop_cfg: LoopConfig | None = None, *, seed: int = 0, vocab: int = VOCAB, **kw):
     from pretrain.models import build_model
 

@@ -6,7 +6,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from pretrain.models import LoopConfig, flops_per_token
-from tests.models.helpers import VOCAB, batch, build, tiny
+from tests.models.helpers import GPT2_LIKE, VOCAB, batch, build, tiny
 
 CASES = [  # variant, model overrides, loops, backprop loops, checkpointing, loss_on
     ("flt", {}, 3, 0, "none", "last"),
@@ -17,6 +17,7 @@ CASES = [  # variant, model overrides, loops, backprop loops, checkpointing, los
     ("flt", {}, 6, 0, "loop", "last_third"),
     ("huginn", {}, 5, 1, "layer", "last_third"),
     ("recall", dict(n_coda=1), 7, 2, "none", "last_third"),
+    ("looped", GPT2_LIKE, 3, 2, "loop", "last"),  # GELU MLP: two matmuls; biases and positions are not counted
 ]
 
 

@@ -7,16 +7,19 @@ import pytest
 import torch
 
 from pretrain.models.generate import generate_batch, sample_next
-from tests.models.helpers import build, tiny
+from tests.models.helpers import GPT2_LIKE, build, randomise_biases_and_norms, tiny
 
 PROMPTS = [[5, 9, 13, 2, 7, 40], [11, 3], [60, 61, 62, 63]]
 
 
-@pytest.mark.parametrize("variant", ["flt", "parcae", "huginn", "lt_i"])
-def test_padded_batch_rows_equal_each_prompt_alone(tp1, variant):
+@pytest.mark.parametrize("variant,extra", [(v, {}) for v in ("flt", "parcae", "huginn", "lt_i")] + [
+    pytest.param("looped", GPT2_LIKE, id="looped-gpt2"), pytest.param("huginn", GPT2_LIKE, id="huginn-gpt2")])
+def test_padded_batch_rows_equal_each_prompt_alone(tp1, variant, extra):
     """Logits at every real position of a left-padded batch equal each prompt's unpadded forward (random h_0
-    included: it is a function of the token's position among the real tokens), with and without the cache."""
-    model = build(tiny(variant, loops=3, init_std=0.2, n_kv_heads=1)).eval()
+    included: it is a function of the token's position among the real tokens; so are learned position
+    embeddings, GPT-2-style), with and without the cache."""
+    model = build(tiny(variant, loops=3, init_std=0.2, n_kv_heads=1, **extra)).eval()
+    randomise_biases_and_norms(model, seed=2)
     longest = max(map(len, PROMPTS))
     tokens = torch.tensor([[0] * (longest - len(p)) + p for p in PROMPTS])
     mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in PROMPTS])

@@ -7,7 +7,17 @@ import pytest
 import torch
 
 from pretrain.models import LoopConfig, count_parameters, param_roles
-from tests.models.helpers import VARIANTS, VOCAB, assert_checkpointing_exact, batch, build, tiny
+from tests.models.helpers import (
+    GPT2_LIKE,
+    VARIANTS,
+    VOCAB,
+    assert_checkpointing_exact,
+    batch,
+    build,
+    gpt2_like,
+    randomise_biases_and_norms,
+    tiny,
+)
 
 
 @pytest.mark.parametrize("variant", ["flt", "huginn", "parcae", "recall"])
@@ -74,13 +84,17 @@ def test_early_exit(tp1, variant):
             torch.testing.assert_close(out.logits[b], model(tokens[b:b + 1], loops=n).logits[0], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_kv_cache_matches_uncached_forward(tp1, variant):
+@pytest.mark.parametrize("variant,extra", [(v, {}) for v in VARIANTS] + [
+    pytest.param("looped", GPT2_LIKE, id="looped-gpt2"), pytest.param("parcae", GPT2_LIKE, id="parcae-gpt2")])
+def test_kv_cache_matches_uncached_forward(tp1, variant, extra):
     """Prefill, a multi-token chunk, then single tokens through the per-(loop, layer) cache give the logits of one
-    uncached forward over the whole sequence; greedy generation with and without the cache agrees."""
+    uncached forward over the whole sequence; greedy generation with and without the cache agrees. GPT-2-style
+    options (learned positions: the cache offset must reach the position embedding; LayerNorm, biases, GELU)
+    too."""
     from pretrain.models import KVCache
 
-    model = build(tiny(variant, init_std=0.2, n_kv_heads=1)).eval()
+    model = build(tiny(variant, init_std=0.2, n_kv_heads=1, **extra)).eval()
+    randomise_biases_and_norms(model, seed=1)
     tokens, _ = batch(B=2, T=12, seed=6)
     with torch.no_grad():
         full = model(tokens).logits
@@ -119,6 +133,48 @@ def test_parameter_count_independent_of_loops(tp1, variant):
             sum(p.numel() for p in model.parameters())
 
 
+def test_learned_positions(tp1):
+    """position: learned adds a table [max_positions, d] to the token embedding, no rotary: on a constant sequence
+    every position computes the same thing without it (causal attention over identical tokens) and something else
+    at each position with it. More positions than the table is a one-line ValueError, cached ones included; the
+    option needs max_positions."""
+    from loopstack.errors import ConfigError
+    from pretrain.models import KVCache
+
+    model = build(gpt2_like(max_positions=16, init_std=0.2)).eval()
+    same = torch.full((1, 16), 7)
+    with torch.no_grad():
+        with_table = model(same).logits[0, :, :VOCAB]
+        assert (with_table - with_table[:1]).abs().amax(-1)[1:].min() > 1e-3  # every position differs from the first
+        table = model.pos_embed.weight.clone()
+        model.pos_embed.weight.zero_()
+        without = model(same).logits[0, :, :VOCAB]
+        torch.testing.assert_close(without, without[:1].expand_as(without), rtol=1e-5, atol=1e-5)
+        model.pos_embed.weight.copy_(table)
+        tokens, _ = batch(B=1, T=16, seed=3)
+        with pytest.raises(ValueError, match="exceed model.max_positions = 16"):
+            model(torch.cat([tokens, tokens[:, :1]], dim=1))
+        cache = KVCache.allocate(model, batch=1, max_len=32)
+        model(tokens, cache=cache)
+        with pytest.raises(ValueError, match=r"cached 16 \+ new 1"):
+            model(tokens[:, :1], cache=cache)
+        assert len(model.generate(tokens[:, :10], 7)[0]) == 17  # 16 positions fed: the last token is not
+        with pytest.raises(ValueError, match="need 17 positions"):
+            model.generate(tokens[:, :10], 8)
+    assert model.cfg.position == "learned" and not model.cfg.qk_norm
+    with pytest.raises(ConfigError, match="model.position = learned needs model.max_positions >= 1"):
+        tiny("looped", position="learned").check_positions(16)
+    from pretrain.config import load_config
+
+    for order in (["model.max_positions=256", "model.position=learned"],
+                  ["model.position=learned", "model.max_positions=256"]):  # the check runs on the resolved config
+        assert load_config(None, order).model.position == "learned"
+    with pytest.raises(ConfigError, match="needs model.max_positions >= 1"):
+        load_config(None, ["model.position=learned"])
+    with pytest.raises(ConfigError, match="data.seq_len = 256 is longer than model.max_positions = 64"):
+        load_config(None, ["model.position=learned", "model.max_positions=64"])
+
+
 def test_param_roles(tp1):
     roles = {}
     for variant, tied in (("huginn", False), ("parcae", True), ("flt_res", True)):
@@ -136,6 +192,11 @@ def test_param_roles(tp1):
     assert roles["core.0.attn.wq.weight"] == roles["core.1.mlp.w_down.weight"] == "matrix"
     assert roles["core.0.attn.q_norm.weight"] == roles["injection.e_norm.weight"] == "norm"
     assert roles["injection.stream_norms.0.weight"] == roles["norm.weight"] == "norm"
+    r = param_roles(build(gpt2_like("parcae")))  # LayerNorm weight / bias, projection biases, position table
+    assert r["core.0.attn_norm.weight"] == r["norm.weight"] == r["injection.e_norm.weight"] == "norm"
+    assert r["core.0.attn_norm.bias"] == r["norm.bias"] == r["injection.e_norm.bias"] == "bias"
+    assert r["core.0.attn.wo.bias"] == r["core.0.mlp.w_up.bias"] == r["core.0.mlp.w_down.bias"] == "bias"
+    assert r["pos_embed.weight"] == "embedding" and "core.0.mlp.w_gate.weight" not in r
     params = dict(build(tiny("flt")).named_parameters())
     assert params["core.0.attn.wq.weight"].partition_dim == 0 and params["core.0.attn.wo.weight"].partition_dim == 1
     assert params["core.0.mlp.w_down.weight"].partition_dim == 1 and params["embed.weight"].partition_dim == 0

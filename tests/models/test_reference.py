@@ -5,7 +5,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.models.helpers import VARIANTS, VOCAB, batch, build, grads, tiny
+from tests.models.helpers import (
+    VARIANTS,
+    VOCAB,
+    batch,
+    build,
+    gpt2_like,
+    grads,
+    randomise_biases_and_norms,
+    tiny,
+)
 from tests.models.reference import Reference, rms
 
 
@@ -67,6 +76,33 @@ def test_variant_matches_design_equations(tp1, variant):
     torch.testing.assert_close(out.loss, loss, rtol=1e-6, atol=1e-6, check_dtype=False)  # the loss is fp32
     loss.backward()
     _compare_grads(model, W)
+
+
+@pytest.mark.parametrize("variant", ["looped", "flt_res", "recall", "huginn", "parcae"])
+def test_gpt2_options_match_reference(tp1, variant):
+    """The GPT-2-style options (LayerNorm with bias everywhere, learned absolute positions, GELU MLP, biases on
+    every projection, no QK-norm) under several recurrences: forward at 3 loops and every gradient equal the
+    reference, with biases and norm weights drawn at random (at init they are 0 and 1)."""
+    extra = dict(state_init="zeros") if variant in ("huginn", "parcae") else {}
+    cfg = gpt2_like(variant, init_std=0.3, **extra)
+    model = build(cfg, dtype=torch.float64)
+    randomise_biases_and_norms(model, seed=4)
+    tokens, labels = batch(seed=1)
+    out = model(tokens, labels, backprop_loops=2, return_logits=True)
+    out.loss.backward()
+
+    W = _weights(model)
+    assert "pos_embed.weight" in W and "core.0.mlp.w_down.bias" in W
+    assert ("core.0.attn_norm.bias" in W) == (variant != "flt_res")  # the FLT family's norms are weightless
+    z = Reference(W, cfg, VOCAB).logits(tokens, variant, loops=3, backprop_loops=2)
+    torch.testing.assert_close(out.logits[..., :VOCAB], z, rtol=1e-9, atol=1e-9)
+    loss = F.cross_entropy(z.flatten(0, 1), labels.flatten())
+    torch.testing.assert_close(out.loss, loss, rtol=1e-6, atol=1e-6, check_dtype=False)
+    loss.backward()
+    _compare_grads(model, W)
+    # RMSNorm in place of LayerNorm in the reference gives other logits: the norm kind is not vacuous
+    rms_cfg = gpt2_like(variant, init_std=0.3, norm_kind="rms", **extra)
+    assert (Reference(W, rms_cfg, VOCAB).logits(tokens, variant, loops=3) - z).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("variant", ["flt", "recall", "huginn", "parcae"])

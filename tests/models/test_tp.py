@@ -5,14 +5,17 @@ the same processes and builds every case again from the same seed."""
 import torch
 
 from tests.dist import run_distributed
-from tests.models.helpers import VARIANTS, tp2_then_tp1
+from tests.models.helpers import GPT2_LIKE, VARIANTS, tp2_then_tp1
 
 # (variant, model overrides, loop overrides, activation checkpointing): together they cover GQA, SwiGLU, untied
-# heads, prelude/coda, a padded vocabulary split across ranks, loss on several loops and truncated backprop
+# heads, prelude/coda, a padded vocabulary split across ranks, loss on several loops and truncated backprop; the
+# GPT-2-style case: LayerNorm, learned positions (replicated), GELU, biases on every projection (column-parallel
+# biases split, row-parallel ones replicated)
 CASES = [(v, {}, {}, "none") for v in VARIANTS] + [
     ("flt", dict(n_heads=4, n_kv_heads=2, mlp="swiglu", tie_embeddings=False), dict(loss_on="all"), "loop"),
     ("huginn", dict(n_heads=4, n_kv_heads=2, n_prelude=1, n_coda=1), dict(backprop_loops=2), "layer"),
     ("parcae", dict(qk_norm=True, tie_embeddings=False), dict(loss_on="last_third", backprop_loops=2), "loop"),
+    ("recall", dict(GPT2_LIKE, n_heads=4, n_prelude=1, n_coda=1), dict(backprop_loops=2), "layer"),
 ]
 
 
