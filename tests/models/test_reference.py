@@ -29,6 +29,16 @@ def _compare_grads(model, W, atol=1e-6):  # the cross-entropy runs in fp32: grad
         torch.testing.assert_close(g, W[name].grad, rtol=1e-4, atol=atol, msg=f"gradient of {name}")
 
 
+def _assert_matches(model, out, W, z, labels) -> None:
+    """The model's logits (out.logits), loss and every gradient equal the reference's: z its logits, W its leaf
+    weights (the model's loss must have been backpropagated already)."""
+    torch.testing.assert_close(out.logits[..., :VOCAB], z, rtol=1e-9, atol=1e-9)
+    loss = F.cross_entropy(z.flatten(0, 1), labels.flatten())
+    torch.testing.assert_close(out.loss, loss, rtol=1e-6, atol=1e-6, check_dtype=False)
+    loss.backward()
+    _compare_grads(model, W)
+
+
 @pytest.mark.parametrize("mlp,n_kv,tied", [("relu2", 0, True), ("swiglu", 1, False)])
 def test_one_loop_without_injection_is_a_plain_transformer(tp1, mlp, n_kv, tied):
     cfg = tiny("looped", loops=1, n_prelude=1, n_coda=1, mlp=mlp, n_kv_heads=n_kv, tie_embeddings=tied,
@@ -44,10 +54,7 @@ def test_one_loop_without_injection_is_a_plain_transformer(tp1, mlp, n_kv, tied)
     for prefix, n in (("prelude", 1), ("core", 2), ("coda", 1)):  # one stack of 4 ordinary layers
         x = ref.stack(prefix, n, x)
     z = rms_head(ref, x, W, cfg)
-    torch.testing.assert_close(out.logits[..., :VOCAB], z, rtol=1e-9, atol=1e-9)
-    F.cross_entropy(z.flatten(0, 1), labels.flatten()).backward()
-    torch.testing.assert_close(out.loss, F.cross_entropy(z.flatten(0, 1), labels.flatten()), check_dtype=False)
-    _compare_grads(model, W)
+    _assert_matches(model, out, W, z, labels)
 
 
 def rms_head(ref, x, W, cfg):
@@ -70,12 +77,8 @@ def test_variant_matches_design_equations(tp1, variant):
 
     W = _weights(model)
     z = Reference(W, cfg, VOCAB).logits(tokens, variant, loops=3, backprop_loops=2)
-    torch.testing.assert_close(out.logits[..., :VOCAB], z, rtol=1e-9, atol=1e-9)
     assert torch.isinf(out.logits[..., VOCAB:]).all()  # padded vocabulary never wins
-    loss = F.cross_entropy(z.flatten(0, 1), labels.flatten())
-    torch.testing.assert_close(out.loss, loss, rtol=1e-6, atol=1e-6, check_dtype=False)  # the loss is fp32
-    loss.backward()
-    _compare_grads(model, W)
+    _assert_matches(model, out, W, z, labels)  # the loss is fp32: 1e-6
 
 
 @pytest.mark.parametrize("variant", ["looped", "flt_res", "recall", "huginn", "parcae"])
@@ -95,11 +98,7 @@ def test_gpt2_options_match_reference(tp1, variant):
     assert "pos_embed.weight" in W and "core.0.mlp.w_down.bias" in W
     assert ("core.0.attn_norm.bias" in W) == (variant != "flt_res")  # the FLT family's norms are weightless
     z = Reference(W, cfg, VOCAB).logits(tokens, variant, loops=3, backprop_loops=2)
-    torch.testing.assert_close(out.logits[..., :VOCAB], z, rtol=1e-9, atol=1e-9)
-    loss = F.cross_entropy(z.flatten(0, 1), labels.flatten())
-    torch.testing.assert_close(out.loss, loss, rtol=1e-6, atol=1e-6, check_dtype=False)
-    loss.backward()
-    _compare_grads(model, W)
+    _assert_matches(model, out, W, z, labels)
     # RMSNorm in place of LayerNorm in the reference gives other logits: the norm kind is not vacuous
     rms_cfg = gpt2_like(variant, init_std=0.3, norm_kind="rms", **extra)
     assert (Reference(W, rms_cfg, VOCAB).logits(tokens, variant, loops=3) - z).abs().max() > 1e-3
@@ -119,11 +118,7 @@ def test_per_sequence_depth_matches_reference(tp1, variant):
 
     W = _weights(model)
     z = Reference(W, cfg, VOCAB).logits_per_sequence(tokens, variant, depths.tolist(), backprop_loops=2)
-    torch.testing.assert_close(out.logits[..., :VOCAB], z, rtol=1e-9, atol=1e-9)
-    loss = F.cross_entropy(z.flatten(0, 1), labels.flatten())
-    torch.testing.assert_close(out.loss, loss, rtol=1e-6, atol=1e-6, check_dtype=False)
-    loss.backward()
-    _compare_grads(model, W)
+    _assert_matches(model, out, W, z, labels)
 
 
 @pytest.mark.parametrize("variant,extra", [("flt", {}), ("huginn", dict(state_init="zeros", loop_lora_alpha=6.0)),
@@ -146,11 +141,7 @@ def test_loop_lora_matches_reference(tp1, variant, extra):
 
     W = _weights(model)
     z = Reference(W, cfg, VOCAB).logits(tokens, variant, loops=5, backprop_loops=4)
-    torch.testing.assert_close(out.logits[..., :VOCAB], z, rtol=1e-9, atol=1e-9)
-    loss = F.cross_entropy(z.flatten(0, 1), labels.flatten())
-    torch.testing.assert_close(out.loss, loss, rtol=1e-6, atol=1e-6, check_dtype=False)
-    loss.backward()
-    _compare_grads(model, W)
+    _assert_matches(model, out, W, z, labels)
     assert all(W[n].grad.abs().sum() > 0 for n in W if n.startswith("loop_lora."))
     # the delta matters: the same weights without the adapters give other logits
     plain = {n: w for n, w in W.items() if not n.startswith("loop_lora.")}
