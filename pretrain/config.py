@@ -47,6 +47,8 @@ class TrainConfig:
     eps: float = param(1e-8, min=0.0)
     grad_clip: float = param(1.0, min=0.0, help="global norm clip; 0 = off")
     dtype: Literal["fp32", "bf16"] = param("fp32", help="compute dtype")
+    compile: bool = param(False, help="torch.compile the core layers once; every loop (any loop count) reuses the "
+                                      "graph (pretrain/models/compile.py)")
     spike_factor: float = param(0.0, min=0.0, help="skip a step whose loss > factor x moving average; 0 = off")
     spike_rollback_after: int = param(3, min=1, help="consecutive skipped steps before rolling back")
     max_rollbacks: int = param(3, min=0, help="spike rollbacks without getting past the step that caused the "

@@ -163,6 +163,10 @@ class Trainer:
                             activation_checkpointing=cfg.parallel.activation_checkpointing)
         if cfg.train.init_from:
             self._init_weights_from(model, cfg.train.init_from)
+        if cfg.train.compile:  # the core layers' forward compiled once, reused by every loop (models/compile.py)
+            from pretrain.models.compile import compile_model
+
+            compile_model(model)
         self.engine = build_engine(model, cfg, self.env, param_roles(model))
 
     def _init_weights_from(self, model: torch.nn.Module, source: str) -> None:
@@ -313,10 +317,23 @@ class Trainer:
         if info is None or info.step < cfg.train.steps:
             self.save()
         self.evaluate()
+        if cfg.train.compile:
+            self._log_compile_stats()
         self.log.close()
         self.log.message(f"done: {cfg.train.steps} steps. Outputs in {self.run_dir}/ (metrics.jsonl, checkpoints/, "
                          f"eval/, config.yaml)")
         return 0
+
+    def _log_compile_stats(self) -> None:
+        """`train.compile`: how many graphs dynamo built and how often the layer forward recompiled (a sampled loop
+        count must not recompile: the loop stays in Python around one compiled layer graph), as a metrics record
+        and a message."""
+        from pretrain.models.compile import compile_stats
+
+        stats = compile_stats()
+        self.log.log({"step": self.state.step, "compile/graphs": stats["graphs"],
+                      "compile/recompiles": stats["recompiles"]})
+        self.log.message(f"compile: {stats['graphs']} graphs, {stats['recompiles']} recompiles")
 
     def train_step(self) -> dict:
         from pretrain.batches import model_inputs
