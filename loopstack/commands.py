@@ -11,6 +11,20 @@ def add_set_flag(parser: argparse.ArgumentParser) -> None:
                         help="override a config value, e.g. --set model.loops=8 (repeatable)")
 
 
+def parse_loop_list(text: str, flag: str = "--loops") -> list[int]:
+    """`--loops 1,4,8`: the loop counts in the order given (integers >= 1); a one-line UserError otherwise. Every
+    command that takes a list of loop counts (eval, eval --task, harness) parses it here."""
+    from loopstack.errors import UserError
+
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise UserError(f"{flag} {text}: expected comma-separated loop counts >= 1, e.g. 1,2,4,8")
+    return values
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     cfg = sub.add_parser("config", help="show, validate or list run configs")
     cfg_sub = cfg.add_subparsers(dest="config_command", metavar="ACTION", required=True)

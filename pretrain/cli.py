@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from loopstack.commands import add_set_flag
+from loopstack.commands import add_set_flag, parse_loop_list
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -59,11 +59,7 @@ def _eval(args: argparse.Namespace) -> int:
         raise UserError(f"{run_dir}: no config.yaml (not a run directory made by `loopstack train`)")
     overrides = list(args.overrides)
     if args.loops:
-        try:
-            loops = [int(x) for x in args.loops.split(",") if x.strip()]
-        except ValueError:
-            raise UserError(f"--loops {args.loops}: expected comma-separated integers, e.g. 1,2,4,8") from None
-        overrides.append(f"eval.loops={loops}")
+        overrides.append(f"eval.loops={parse_loop_list(args.loops)}")
     if args.batches:
         overrides.append(f"eval.batches={args.batches}")
     cfg = load_config(run_dir / "config.yaml", overrides)

@@ -148,6 +148,14 @@ def _tp_split_dims(module: torch.nn.Module) -> dict[str, int | None]:
             for n, p in module.named_parameters()}
 
 
+def resplit(parts: list[torch.Tensor], dim: int | None, tp_rank: int, tp: int) -> torch.Tensor:
+    """TP rank `tp_rank` of `tp`'s shard of a tensor saved as `parts` (one per saved TP rank): concatenated along
+    its megatron split dim and split again; a replicated tensor (dim None) is the first part."""
+    if dim is None:
+        return parts[0]
+    return torch.cat(parts, dim).chunk(tp, dim)[tp_rank].clone()
+
+
 def read_saved_state(module: torch.nn.Module, directory: Path, tp_rank: int, saved_tp: int, tp: int,
                      keys: tuple[str, ...] | None = None) -> dict:
     """The saved whole tensors for TP rank `tp_rank` of `tp`, from a checkpoint of `saved_tp` TP ranks: each
@@ -158,9 +166,8 @@ def read_saved_state(module: torch.nn.Module, directory: Path, tp_rank: int, sav
     params = {}
     for name, entry in files[0]["params"].items():
         dim = dims.get(name)
-        params[name] = {key: value if dim is None else
-                        torch.cat([f["params"][name][key] for f in files], dim).chunk(tp, dim)[tp_rank].clone()
-                        for key, value in entry.items() if keys is None or key in keys}
+        params[name] = {key: resplit([f["params"][name][key] for f in files], dim, tp_rank, tp)
+                        for key in entry if keys is None or key in keys}
     return {"params": params, "steps": files[0]["steps"]}
 
 

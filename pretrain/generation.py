@@ -62,7 +62,7 @@ def check_args(args: argparse.Namespace) -> None:
 
 def run_generate(args: argparse.Namespace) -> int:
     from pretrain.inference import load_run
-    from pretrain.models.generate import generate_batch
+    from pretrain.models.generate import check_positions, generate_batch
 
     check_args(args)
     texts = read_prompts(args.prompt, args.prompt_file)
@@ -71,21 +71,19 @@ def run_generate(args: argparse.Namespace) -> int:
     loops = args.loops or loaded.cfg.model.loops
     print(f"generate: {loaded.info.path} (step {loaded.step}, {loaded.cfg.model.variant}, {loops} loops, "
           f"{next(model.parameters()).dtype}), {len(texts)} prompt(s)", file=sys.stderr)
-    limit = loaded.cfg.model.max_positions if loaded.cfg.model.position == "learned" else 0
-    longest = max(len(tok.encode(t)) for t in texts)
-    if limit and longest + args.max_new_tokens - 1 > limit:
-        raise UserError(f"the longest prompt ({longest} tokens) + --max-new-tokens {args.max_new_tokens} need "
-                        f"{longest + args.max_new_tokens - 1} positions; this model's learned position embedding "
-                        f"has {limit} (model.max_positions)")
+    encoded = [tok.encode(t) for t in texts]  # once: checked here, then batched
+    empty = [i for i, x in enumerate(encoded) if not x]
+    if empty:
+        raise UserError(f"prompt {empty[0] + 1} encodes to no tokens")
+    try:  # every prompt, before any output (generate_batch checks each batch again)
+        check_positions(model, max(map(len, encoded)), args.max_new_tokens)
+    except ValueError as err:
+        raise UserError(f"--max-new-tokens {args.max_new_tokens}: {err}") from None
     eos = tok.eos_id if tok.eos_id is not None and tok.eos_id >= 0 else None
     pad = tok.pad_id if tok.pad_id is not None and tok.pad_id >= 0 else 0
     n_new, n_loops, t_start = 0, 0, time.perf_counter()
     for first in range(0, len(texts), args.batch_size):
-        batch = texts[first:first + args.batch_size]
-        ids = [tok.encode(t) for t in batch]
-        empty = [i for i, x in enumerate(ids) if not x]
-        if empty:
-            raise UserError(f"prompt {first + empty[0] + 1} encodes to no tokens")
+        batch, ids = texts[first:first + args.batch_size], encoded[first:first + args.batch_size]
         result = generate_batch(model, ids, args.max_new_tokens, loops=loops, temperature=args.temperature,
                                 top_k=args.top_k, top_p=args.top_p, seed=args.seed + first, eos_id=eos, pad_id=pad,
                                 use_cache=not args.no_cache, exit_epsilon=args.exit_epsilon)

@@ -20,6 +20,7 @@ skipped with a message; an explicit `step` or checkpoint directory that is damag
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,22 +111,22 @@ def _content_problem(info: ckpt.CheckpointInfo) -> str | None:
     return None
 
 
-def _tokenizer_dir(cfg: RunConfig, run_dir: Path) -> str:
-    """The tokenizer directory of the config: as written (absolute, or relative to the current directory), else
-    relative to the run directory's parent (a run directory moved with its data)."""
-    d = Path(cfg.tokenizer.dir)
-    if d.is_absolute() or d.exists():
-        return str(d)
-    for base in (run_dir, run_dir.parent):
-        if (base / d).exists():
-            return str(base / d)
-    return str(d)
+def near_run(path: str, run_dir: Path, present: Callable[[Path], bool] = Path.exists) -> Path | None:
+    """A path from a run's config (tokenizer, data): as written (absolute, or relative to the current directory),
+    else relative to the run directory or its parent (a run directory moved with its data); the first candidate
+    that is `present`, None when none is."""
+    d = Path(path)
+    for candidate in ([d] if d.is_absolute() else [d, run_dir / d, run_dir.parent / d]):
+        if present(candidate):
+            return candidate
+    return None
 
 
 def load_tokenizer_for(cfg: RunConfig, run_dir: Path):
     from data_pipeline import tokenizer as tk
 
-    return tk.load_tokenizer(_tokenizer_dir(cfg, run_dir), cfg.tokenizer.kind)
+    directory = near_run(cfg.tokenizer.dir, run_dir) or Path(cfg.tokenizer.dir)  # missing: the loader says so
+    return tk.load_tokenizer(directory, cfg.tokenizer.kind)
 
 
 def load_run(source: str | os.PathLike, *, step: int | None = None, dtype: str | None = None,
@@ -134,7 +135,7 @@ def load_run(source: str | os.PathLike, *, step: int | None = None, dtype: str |
     `dtype`: fp32 | bf16 (default: the run's train.dtype). Starts a one-process group and megatron's parallel state
     when none exists (the model's layers need them)."""
     from pretrain.models import build_model
-    from pretrain.weights import check_fits, load_model_weights
+    from pretrain.weights import fill_from_checkpoint
 
     if dtype is not None and dtype not in DTYPES:
         raise UserError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
@@ -150,11 +151,7 @@ def load_run(source: str | os.PathLike, *, step: int | None = None, dtype: str |
         device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, cfg.loop, model_vocab_size(cfg, tokenizer), device=device)
-    check_fits(info, model, 1, saved, tokenizer.sha256, cfg.tokenizer.dir)
-    load_model_weights(model, info, 0, 1, dtype=DTYPES[dtype or cfg.train.dtype])
-    noise = noise_state(info)
-    if noise is not None:
-        model.load_noise_state(noise)
+    fill_from_checkpoint(model, info, 0, 1, saved, tokenizer, cfg.tokenizer.dir, dtype=DTYPES[dtype or cfg.train.dtype])
     model.eval()
     return Loaded(model=model, cfg=cfg, tokenizer=tokenizer, info=info, run_dir=run_dir)
 
@@ -175,12 +172,3 @@ def init_single_process(seed: int) -> None:
         return
     raise UserError("load_run runs in one process (not under torchrun with several ranks)")
 
-
-def noise_state(info: ckpt.CheckpointInfo) -> dict | None:
-    """The random-h_0 stream the model was trained with: rank 0's trainer state, or the seed a whole-weights
-    checkpoint records."""
-    if info.meta.get("noise_seed") is not None:
-        return {"seed": int(info.meta["noise_seed"]), "gen": None}
-    if (info.path / "trainer_state_rank0.pt").exists():
-        return ckpt.load_rank_state(info, 0).get("model_noise")
-    return None

@@ -75,14 +75,10 @@ def parse_task_settings(overrides: Sequence[str]) -> TaskEvalConfig:
 
 
 def parse_loops(text: str) -> list[int]:
-    """`--loops 1,4,8`: the loop counts, ascending, each once."""
-    try:
-        loops = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise UserError(f"--loops {text}: expected comma-separated integers, e.g. 1,2,4,8") from None
-    if not loops or min(loops) < 1:
-        raise UserError(f"--loops {text}: expected loop counts >= 1, e.g. 1,2,4,8")
-    return sorted(set(loops))
+    """`--loops 1,4,8`: the loop counts (`loopstack.commands.parse_loop_list`), ascending, each once."""
+    from loopstack.commands import parse_loop_list
+
+    return sorted(set(parse_loop_list(text)))
 
 
 # --- the measurement ------------------------------------------------------------------------------------------
@@ -164,13 +160,10 @@ class TaskData:
 
 
 def _data_dir(path: str, run_dir: Path) -> Path | None:
-    """A data directory as the config wrote it (absolute, or relative to the current directory), else relative to
-    the run directory or its parent (a run moved with its data); None when it is nowhere."""
-    d = Path(path)
-    for cand in ([d] if d.is_absolute() else [d, run_dir / d, run_dir.parent / d]):
-        if (cand / "manifest.json").is_file():
-            return cand
-    return None
+    """A data directory (one holding manifest.json) of the run's config, found as `inference.near_run` finds it."""
+    from pretrain.inference import near_run
+
+    return near_run(path, run_dir, lambda d: (d / "manifest.json").is_file())
 
 
 def task_data(cfg, run_dir: Path, task: str) -> TaskData:

@@ -41,6 +41,7 @@ from pretrain.distributed import (
 )
 from pretrain.elastic import load_full_state, save_full_state
 from pretrain.guards import DivergenceMonitor, LossGuard
+from pretrain.inference import model_vocab_size
 from pretrain.metrics import MetricsLogger, Throughput, device_peak_flops
 from pretrain.weights import check_fits, global_param_shapes
 
@@ -157,7 +158,7 @@ class Trainer:
         from pretrain.models import build_model, param_roles
 
         cfg = self.cfg
-        self.vocab_size = vocab_size(cfg, self.tokenizer)
+        self.vocab_size = model_vocab_size(cfg, self.tokenizer)
         torch.manual_seed(cfg.seed)  # identical init on every rank (megatron splits the master weights)
         model = build_model(cfg.model, cfg.loop, self.vocab_size,
                             activation_checkpointing=cfg.parallel.activation_checkpointing)
@@ -174,17 +175,14 @@ class Trainer:
         step 0 (uptraining). The weights are read as `pretrain.inference.load_run` reads them (any TP size or
         ZeRO stage, resplit for this run's TP), checked against this run's model (names, whole shapes, tokenizer)
         first; the random-h_0 seed comes along. A resumed run restores its own checkpoint over them."""
-        from pretrain.inference import find_checkpoint, noise_state
-        from pretrain.weights import load_model_weights
+        from pretrain.inference import find_checkpoint
+        from pretrain.weights import fill_from_checkpoint
 
         say = print if self.env.is_main else (lambda text: None)
         with user_errors_agreed():
             _, info = find_checkpoint(source, warn=say)
-            check_fits(info, model, self.env.tp, to_dict(self.cfg), self.tokenizer.sha256, self.cfg.tokenizer.dir)
-            load_model_weights(model, info, self.env.tp_rank, self.env.tp)
-            noise = noise_state(info)
-        if noise is not None:
-            model.load_noise_state(noise)
+            fill_from_checkpoint(model, info, self.env.tp_rank, self.env.tp, to_dict(self.cfg), self.tokenizer,
+                                 self.cfg.tokenizer.dir)
         say(f"init_from: weights of {info.path} (step {info.step})")
 
     # --- resume / checkpoint ------------------------------------------------------------------------
@@ -445,13 +443,6 @@ class Trainer:
         return result
 
 
-def vocab_size(cfg: RunConfig, tokenizer) -> int:
-    """The model's vocabulary (`pretrain.inference.model_vocab_size`)."""
-    from pretrain.inference import model_vocab_size
-
-    return model_vocab_size(cfg, tokenizer)
-
-
 def eval_data(cfg: RunConfig, env: DistEnv, tokenizer_sha256: str):
     """A fresh eval stream from its start (this DP rank's share), so every eval sees the same sequences."""
     from data_pipeline.loader import PackedDataset
@@ -502,20 +493,19 @@ def evaluate_run(cfg: RunConfig, run_dir: Path, checkpoint: str = "auto") -> int
     """`loopstack eval`: load a run's checkpoint, measure loss vs loops, write eval/ and the plots.
 
     No DeepSpeed engine, optimizer or wandb: the model is built as the trainer builds it and filled by
-    `pretrain.weights.load_model_weights` (in the run's dtype); nothing of the run but eval/ and plots/ is
+    `pretrain.weights.fill_from_checkpoint` (in the run's dtype); nothing of the run but eval/ and plots/ is
     written. Under torchrun each TP rank loads its shards and DP ranks average, as in training."""
     from data_pipeline.tokenizer import load_tokenizer
-    from pretrain.inference import noise_state
     from pretrain.models import build_model
     from pretrain.plots import plot_run
-    from pretrain.weights import load_model_weights
+    from pretrain.weights import fill_from_checkpoint
 
     prepare_data(cfg)
     env = init_distributed(tp=cfg.parallel.tp, seed=cfg.seed)
     say = print if env.is_main else (lambda text: None)
     try:
         tokenizer = load_tokenizer(cfg.tokenizer.dir, cfg.tokenizer.kind)
-        vocab = vocab_size(cfg, tokenizer)
+        vocab = model_vocab_size(cfg, tokenizer)
         torch.manual_seed(cfg.seed)  # as the trainer builds it (the h_0 noise seed comes from the checkpoint)
         model = build_model(cfg.model, cfg.loop, vocab, activation_checkpointing=cfg.parallel.activation_checkpointing,
                             device=env.device)
@@ -523,12 +513,8 @@ def evaluate_run(cfg: RunConfig, run_dir: Path, checkpoint: str = "auto") -> int
         if info is None:
             raise UserError(f"{run_dir}: no complete checkpoint to evaluate")
         with user_errors_agreed():  # files only this rank reads may be refused: every rank raises the first
-            check_fits(info, model, env.tp, to_dict(cfg), tokenizer.sha256, cfg.tokenizer.dir)
-            load_model_weights(model, info, env.tp_rank, env.tp,
-                               dtype=torch.bfloat16 if cfg.train.dtype == "bf16" else None)
-            noise = noise_state(info)  # the same on every rank (a converted model's: its recorded seed)
-            if noise is not None:
-                model.load_noise_state(noise)
+            fill_from_checkpoint(model, info, env.tp_rank, env.tp, to_dict(cfg), tokenizer, cfg.tokenizer.dir,
+                                 dtype=torch.bfloat16 if cfg.train.dtype == "bf16" else None)
         evaluate_model(model, cfg, env, lambda: eval_data(cfg, env, tokenizer.sha256), run_dir, info.step, say)
         if env.is_main:
             for path in plot_run(run_dir):

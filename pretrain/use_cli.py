@@ -11,13 +11,14 @@ import argparse
 
 
 def _loop_list(text: str) -> list[int]:
+    """`--loops` as an argparse type: `loopstack.commands.parse_loop_list`, its refusal as argparse's one line."""
+    from loopstack.commands import parse_loop_list
+    from loopstack.errors import UserError
+
     try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated loop counts, e.g. 1,4,8; got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"loop counts must be integers >= 1; got {text!r}")
-    return values
+        return parse_loop_list(text)
+    except UserError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _add_source(p: argparse.ArgumentParser) -> None:

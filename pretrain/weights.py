@@ -158,16 +158,12 @@ def _resplit(model: torch.nn.Module, shards: list[dict[str, torch.Tensor]], tp_r
              tp: int) -> dict[str, torch.Tensor]:
     """This TP rank's tensors from every saved TP rank's: a TP-split tensor is concatenated along its megatron
     `partition_dim` and split again; a replicated one is taken from the first."""
-    from pretrain.elastic import _tp_split_dims
+    from pretrain.elastic import _tp_split_dims, resplit
 
-    dims = _tp_split_dims(model)
     if len(shards) == 1 and tp == 1:
         return shards[0]
-    out = {}
-    for name, first in shards[0].items():
-        dim = dims.get(name)
-        out[name] = first if dim is None else torch.cat([s[name] for s in shards], dim).chunk(tp, dim)[tp_rank]
-    return out
+    dims = _tp_split_dims(model)
+    return {name: resplit([s[name] for s in shards], dims.get(name), tp_rank, tp) for name in shards[0]}
 
 
 def _module_file_tensors(info: ckpt.CheckpointInfo, tp_rank: int) -> dict[str, torch.Tensor]:
@@ -238,6 +234,29 @@ def load_model_weights(model: torch.nn.Module, info: ckpt.CheckpointInfo, tp_ran
                             f"written by a different model config")
         # DeepSpeed's cast for bf16: parameters only (buffers keep their dtype), round to nearest
         p.data = saved.to(device=p.device, dtype=dtype or p.dtype, copy=True)  # a copy: `saved` may be mapped
+    return source
+
+
+def noise_state(info: ckpt.CheckpointInfo) -> dict | None:
+    """The random-h_0 stream the model was trained with: rank 0's trainer state, or the seed a whole-weights
+    checkpoint records; None when the checkpoint has neither."""
+    if info.meta.get("noise_seed") is not None:
+        return {"seed": int(info.meta["noise_seed"]), "gen": None}
+    if (info.path / "trainer_state_rank0.pt").exists():
+        return ckpt.load_rank_state(info, 0).get("model_noise")
+    return None
+
+
+def fill_from_checkpoint(model: torch.nn.Module, info: ckpt.CheckpointInfo, tp_rank: int, tp: int, config: dict,
+                         tokenizer, tokenizer_dir: str, *, dtype: torch.dtype | None = None) -> str:
+    """A built model made the checkpoint's, without an engine: the fit checks (`check_fits`: parameter names and
+    whole shapes, tokenizer), this TP rank's weights (`load_model_weights`, cast to `dtype`) and the random-h_0
+    stream (`noise_state`). What `load_run`, `loopstack eval` and `train.init_from` do. Returns the weight source."""
+    check_fits(info, model, tp, config, tokenizer.sha256, tokenizer_dir)
+    source = load_model_weights(model, info, tp_rank, tp, dtype=dtype)
+    noise = noise_state(info)
+    if noise is not None:
+        model.load_noise_state(noise)
     return source
 
 

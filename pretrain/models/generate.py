@@ -103,6 +103,16 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
     return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=gen)[:, 0]
 
 
+def check_positions(model, longest: int, max_new_tokens: int) -> None:
+    """A ValueError when the longest prompt plus the new tokens need more positions than a learned position
+    embedding has (model.max_positions; rotary models have no bound). The last new token is never fed back."""
+    limit = model.cfg.max_positions if model.cfg.position == "learned" else 0
+    if limit and longest + max_new_tokens - 1 > limit:
+        raise ValueError(f"the longest prompt ({longest} tokens) + {max_new_tokens} new tokens need "
+                         f"{longest + max_new_tokens - 1} positions, more than the learned position embedding's "
+                         f"model.max_positions = {limit}")
+
+
 @dataclass
 class Generation:
     """What `generate_batch` produced, per prompt: the new tokens (up to and without the end-of-sequence token),
@@ -134,11 +144,7 @@ def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, *, loop
     loops = loops or model.cfg.loops
     device = model.embed.weight.device
     B, longest = len(prompts), max(len(p) for p in prompts)
-    limit = model.cfg.max_positions if model.cfg.position == "learned" else 0
-    if limit and longest + max_new_tokens - 1 > limit:  # the last new token is never fed back
-        raise ValueError(f"the longest prompt ({longest} tokens) + {max_new_tokens} new tokens need "
-                         f"{longest + max_new_tokens - 1} positions, more than the learned position embedding's "
-                         f"model.max_positions = {limit}")
+    check_positions(model, longest, max_new_tokens)
     padded = any(len(p) != longest for p in prompts)
     tokens = torch.full((B, longest), pad_id, dtype=torch.long, device=device)
     real = torch.zeros((B, longest), dtype=torch.long, device=device)
