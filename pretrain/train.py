@@ -347,6 +347,7 @@ class Trainer:
         want_diag = bool(cfg.logging.diagnostics_every) and (step + 1) % cfg.logging.diagnostics_every == 0
         loss_sum = torch.zeros((), dtype=torch.float32, device=env.device)
         diagnostics = None
+        stats: dict[str, torch.Tensor] = {}  # the model's extra scalars (LoopedOutput.stats), summed over micro steps
         depths = self._sequence_depths(step) if cfg.loop.per_sequence else None  # [micro steps x dp, micro_batch]
         for micro in range(cfg.train.grad_accum):
             x = model_inputs(self.train_data.next_batch(), env.device)
@@ -357,6 +358,8 @@ class Trainer:
             out = engine(x.inputs, x.labels, **kw, diagnostics=want_diag and micro == 0, doc_ids=x.doc_ids)
             engine.backward(out.loss)
             loss_sum += out.loss.detach().float()
+            for name, value in out.stats.items():
+                stats[name] = stats.get(name, 0) + value.detach().float()
             if micro == 0 and out.diagnostics is not None:
                 diagnostics = out.diagnostics
             if micro < cfg.train.grad_accum - 1:
@@ -364,6 +367,11 @@ class Trainer:
         loss = loss_sum / cfg.train.grad_accum
         dist.all_reduce(loss, group=_dp_group())
         loss = (loss / env.dp).item()
+        if stats:  # one all-reduce for all of them; the same names on every rank (the model's config decides them)
+            names = sorted(stats)
+            packed = torch.stack([stats[k] for k in names]) / cfg.train.grad_accum
+            dist.all_reduce(packed, group=_dp_group())
+            stats = dict(zip(names, (packed / env.dp).tolist(), strict=True))
         skip = self.guard.should_skip(loss)
         stepped, grad_norm = step_or_skip(engine, not skip)
         if not stepped:
@@ -379,6 +387,7 @@ class Trainer:
             self._depths = depths
         if loops_max is not None:
             record["loops_max"] = loops_max
+        record.update(stats)
         if diagnostics is not None:
             record.update({f"diag/{k}": v for k, v in asdict(diagnostics).items()})
         return record

@@ -54,7 +54,7 @@ diagnostics (`Recorder.observe`) watch it; early exit (`_run_with_exit`) and the
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -87,6 +87,9 @@ class LoopedOutput:
     logits: torch.Tensor | None
     diagnostics: LoopDiagnostics | None = None
     exit_loops: torch.Tensor | None = None  # [B] loops each sequence ran (early exit only)
+    # scalar tensors the trainer logs next to the loss (averaged over micro batches and data-parallel ranks): the
+    # parts of an objective with extra terms (exit gate, router losses) and what they decided (mean exit loop, ...)
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
