@@ -30,8 +30,33 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--task", choices=("khop", "prefix_sum", "parity"), default=None,
                     help="answer accuracy on a synthetic depth task by difficulty, inside and beyond the trained "
                          "depth (instead of the held-out loss)")
+    ev.add_argument("--exit-threshold", default="", metavar="Q[,Q...]",
+                    help="adaptive depth with the learned exit gate (runs trained with model.exit_gate): per token, "
+                         "stop once the cumulative exit probability reaches Q (0 < Q <= 1); reports the loss and the "
+                         "mean loops used at each Q, at most --loops loops (default: the trained count)")
+    ev.add_argument("--exit-epsilon", default="", metavar="EPS[,EPS...]",
+                    help="adaptive depth by convergence: per token, stop once the state's relative change is below "
+                         "EPS; reported like --exit-threshold")
     add_set_flag(ev)
     ev.set_defaults(func=_eval)
+
+
+def _exit_rules(args: argparse.Namespace) -> list[tuple[str, float]]:
+    """The (rule, value) pairs of --exit-threshold / --exit-epsilon, checked (one-line errors naming the flag)."""
+    from loopstack.errors import UserError
+
+    rules = []
+    for flag, kind, text, ok in (("--exit-threshold", "threshold", args.exit_threshold, lambda q: 0 < q <= 1),
+                                 ("--exit-epsilon", "epsilon", args.exit_epsilon, lambda e: e >= 0)):
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            try:
+                value = float(part)
+            except ValueError:
+                raise UserError(f"{flag} {text!r}: {part!r} is not a number") from None
+            if not ok(value):
+                raise UserError(f"{flag} {value:g}: out of range (see loopstack eval --help)")
+            rules.append((kind, value))
+    return rules
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -51,14 +76,15 @@ def _eval(args: argparse.Namespace) -> int:
     from pretrain.config import load_config
 
     run_dir = Path(args.run_dir)
+    rules = _exit_rules(args)
     if args.task:
         from pretrain.taskeval import run_task_eval
 
-        return run_task_eval(args)
+        return run_task_eval(args, rules)
     if not (run_dir / "config.yaml").exists():
         raise UserError(f"{run_dir}: no config.yaml (not a run directory made by `loopstack train`)")
     overrides = list(args.overrides)
-    if args.loops:
+    if args.loops and not rules:
         overrides.append(f"eval.loops={parse_loop_list(args.loops)}")
     if args.batches:
         overrides.append(f"eval.batches={args.batches}")
@@ -68,6 +94,10 @@ def _eval(args: argparse.Namespace) -> int:
         # a run trained with TP on many GPUs, evaluated here: ZeRO 1-3 checkpoints re-shard on load
         print(f"eval: {world} process(es), the run used parallel.tp = {cfg.parallel.tp}: evaluating with tp = 1")
         cfg = load_config(run_dir / "config.yaml", [*overrides, "parallel.tp=1"])
+    if any(kind == "threshold" for kind, _ in rules) and not cfg.model.exit_gate:
+        raise UserError(f"--exit-threshold: {run_dir} was trained without the learned exit gate (model.exit_gate); "
+                        "--exit-epsilon exits by convergence instead")
     from pretrain.train import evaluate_run
 
-    return evaluate_run(cfg, run_dir, args.checkpoint)
+    caps = parse_loop_list(args.loops) if args.loops and rules else None
+    return evaluate_run(cfg, run_dir, args.checkpoint, exit_rules=rules, exit_loops=caps)

@@ -55,9 +55,13 @@ def check_args(args: argparse.Namespace) -> None:
                             ("--top-p", args.top_p, 0 < args.top_p <= 1),
                             ("--batch-size", args.batch_size, args.batch_size >= 1),
                             ("--loops", args.loops, args.loops is None or args.loops >= 1),
-                            ("--exit-epsilon", args.exit_epsilon, args.exit_epsilon is None or args.exit_epsilon >= 0)):
+                            ("--exit-epsilon", args.exit_epsilon, args.exit_epsilon is None or args.exit_epsilon >= 0),
+                            ("--exit-threshold", args.exit_threshold,
+                             args.exit_threshold is None or 0 < args.exit_threshold <= 1)):
         if not ok:
             raise UserError(f"{flag} {value}: out of range (see loopstack generate --help)")
+    if args.exit_epsilon is not None and args.exit_threshold is not None:
+        raise UserError("--exit-epsilon and --exit-threshold: one exit rule at a time")
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -69,6 +73,9 @@ def run_generate(args: argparse.Namespace) -> int:
     loaded = load_run(args.run, step=args.step, dtype=args.dtype, warn=lambda m: print(m, file=sys.stderr))
     tok, model = loaded.tokenizer, loaded.model
     loops = args.loops or loaded.cfg.model.loops
+    if args.exit_threshold is not None and not loaded.cfg.model.exit_gate:
+        raise UserError(f"--exit-threshold: {loaded.run_dir} was trained without the learned exit gate "
+                        "(model.exit_gate); --exit-epsilon exits by convergence instead")
     print(f"generate: {loaded.info.path} (step {loaded.step}, {loaded.cfg.model.variant}, {loops} loops, "
           f"{next(model.parameters()).dtype}), {len(texts)} prompt(s)", file=sys.stderr)
     encoded = [tok.encode(t) for t in texts]  # once: checked here, then batched
@@ -86,7 +93,8 @@ def run_generate(args: argparse.Namespace) -> int:
         batch, ids = texts[first:first + args.batch_size], encoded[first:first + args.batch_size]
         result = generate_batch(model, ids, args.max_new_tokens, loops=loops, temperature=args.temperature,
                                 top_k=args.top_k, top_p=args.top_p, seed=args.seed + first, eos_id=eos, pad_id=pad,
-                                use_cache=not args.no_cache, exit_epsilon=args.exit_epsilon)
+                                use_cache=not args.no_cache, exit_epsilon=args.exit_epsilon,
+                                exit_threshold=args.exit_threshold)
         for i, text in enumerate(batch):
             new, used = result.tokens[i], result.loops_used[i]
             completion = tok.decode(new)

@@ -100,21 +100,29 @@ def encode_problems(tokenizer, pairs: Sequence[tuple[str, str]],
 
 @torch.no_grad()
 def answer_correct(model: torch.nn.Module, problems: Sequence[tuple[list[int], list[int]]], loops: int, *,
-                   batch_size: int = 100, pad_id: int = 0) -> torch.Tensor:
+                   batch_size: int = 100, pad_id: int = 0, exit_rule: tuple[str, float] | None = None,
+                   loops_used: list[float] | None = None) -> torch.Tensor:
     """bool [len(problems)]: the model's greedy answer (argmax at each answer position, teacher-forced over the
     answer) equals the answer, at `loops` loops. Batches are right-padded (causal: no effect on the positions
-    read). Runs in eval mode (deterministic; the random h_0 a function of position), the mode restored after."""
+    read). Runs in eval mode (deterministic; the random h_0 a function of position), the mode restored after.
+    `exit_rule` ("threshold", q) or ("epsilon", eps): per-token adaptive depth with at most `loops` loops; the mean
+    loops used at each problem's answer positions are appended to `loops_used`."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
-        return _answer_correct(model, problems, loops, batch_size, pad_id, device)
+        return _answer_correct(model, problems, loops, batch_size, pad_id, device, exit_rule, loops_used)
     finally:
         model.train(was_training)
 
 
 def _answer_correct(model: torch.nn.Module, problems: Sequence[tuple[list[int], list[int]]], loops: int,
-                    batch_size: int, pad_id: int, device: torch.device) -> torch.Tensor:
+                    batch_size: int, pad_id: int, device: torch.device, exit_rule: tuple[str, float] | None = None,
+                    loops_used: list[float] | None = None) -> torch.Tensor:
+    kw = {}
+    if exit_rule is not None:
+        kind, value = exit_rule
+        kw = dict(exit_threshold=value) if kind == "threshold" else dict(exit_epsilon=value, exit_per_token=True)
     result = []
     for start in range(0, len(problems), batch_size):
         chunk = problems[start:start + batch_size]
@@ -123,11 +131,14 @@ def _answer_correct(model: torch.nn.Module, problems: Sequence[tuple[list[int], 
         tokens = torch.full((len(seqs), width), pad_id, dtype=torch.long)
         for i, s in enumerate(seqs):
             tokens[i, :len(s)] = torch.tensor(s)
-        logits = model(tokens.to(device), loops=loops).logits
-        pred = logits.argmax(dim=-1).cpu()
+        out = model(tokens.to(device), loops=loops, **kw)
+        pred = out.logits.argmax(dim=-1).cpu()
+        used = out.exit_loops.cpu() if out.exit_loops is not None else None
         for i, (p, a) in enumerate(chunk):
             at = torch.arange(len(p) - 1, len(p) - 1 + len(a))
             result.append(bool(torch.equal(pred[i, at], torch.tensor(a))))
+            if used is not None and loops_used is not None:
+                loops_used.append(float(used[i, at].double().mean()))
     return torch.tensor(result, dtype=torch.bool)
 
 
@@ -146,6 +157,33 @@ def accuracy_table(model: torch.nn.Module, tokenizer, task: str, depths: Sequenc
         if on_row is not None:
             on_row(depth, table[depth])
     return table
+
+
+def exit_table(model: torch.nn.Module, tokenizer, task: str, depths: Sequence[int], loops: int,
+               rules: Sequence[tuple[str, float]], n: int, *, seed: int, size: int, batch_size: int = 100,
+               context: Sequence[int] = (), on_row: Callable[[int, dict], None] | None = None) -> dict[int, dict]:
+    """Adaptive depth by difficulty: table[depth][rule label] = {"accuracy", "loops"} (the mean loops used at the
+    answer positions), at most `loops` loops, the same problems for every rule. Under a learned exit gate, deeper
+    problems should use more loops."""
+    from data_pipeline.synth import problems
+
+    table: dict[int, dict] = {}
+    for depth in depths:
+        encoded = encode_problems(tokenizer, problems(task, depth, n, seed=seed, size=size), context)
+        row = {}
+        for rule in rules:
+            used: list[float] = []
+            correct = answer_correct(model, encoded, loops, batch_size=batch_size, pad_id=max(tokenizer.pad_id, 0),
+                                     exit_rule=rule, loops_used=used)
+            row[rule_label(rule)] = {"accuracy": int(correct.sum()) / n, "loops": sum(used) / len(used)}
+        table[depth] = row
+        if on_row is not None:
+            on_row(depth, row)
+    return table
+
+
+def rule_label(rule: tuple[str, float]) -> str:
+    return f"q={rule[1]:g}" if rule[0] == "threshold" else f"eps={rule[1]:g}"
 
 
 # --- what the run trained on ----------------------------------------------------------------------------------
@@ -258,7 +296,66 @@ def plot_task_eval(run_dir: Path, record: dict) -> Path:
     return path
 
 
-def run_task_eval(args: argparse.Namespace) -> int:
+def plot_exit_eval(run_dir: Path, record: dict) -> Path:
+    """`plots/task_<task>_exit.png`: loops used (left) and accuracy (right) vs depth, one line per exit rule."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = run_dir / "plots"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    depths, table, trained = record["depths"], record["exit"], record["train_depth"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, label in ((axes[0], "loops", "mean loops used (answer token)"), (axes[1], "accuracy", "accuracy")):
+        ax.axvspan(0.5, trained + 0.5, color="grey", alpha=0.15, label=f"trained depths (1..{trained})")
+        for i, rule in enumerate(record["rules"]):
+            ax.plot(depths, [table[str(d)][rule][key] for d in depths], marker="os^Dv<>p"[i % 8], label=rule)
+        ax.set(xlabel="depth (difficulty)", ylabel=label)
+        ax.set_xticks(depths)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylim(0.9, record["max_loops"] + 0.1)
+    axes[1].set_ylim(-0.02, 1.02)
+    axes[1].axhline(record["chance"], ls="--", c="grey", lw=1, label="chance")
+    axes[1].legend(fontsize=8)
+    fig.suptitle(f"{run_dir.name}: {record['task']} with adaptive depth (at most {record['max_loops']} loops), "
+                 f"step {record['step']}")
+    fig.tight_layout()
+    path = out_dir / f"task_{record['task']}_exit.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def run_exit_task_eval(loaded, task: str, run_dir: Path, depths: list[int], train_depth: int, cap: int,
+                       rules: list[tuple[str, float]], n: int, seed: int, size: int, settings: TaskEvalConfig,
+                       context: list[int]) -> int:
+    """`eval --task T --exit-threshold Q[,Q...]` (or --exit-epsilon): accuracy and loops used per depth and rule."""
+    labels = [rule_label(r) for r in rules]
+    width = max(16, *(len(x) + 2 for x in labels))
+    print(f"{'depth':>5} {'':7} " + " ".join(f"{x + ' acc/loops':>{width}}" for x in labels), flush=True)
+
+    def on_row(depth: int, row: dict) -> None:
+        mark = "trained" if depth <= train_depth else "beyond"
+        cells = [f"{row[x]['accuracy']:.3f} / {row[x]['loops']:.2f}" for x in labels]
+        print(f"{depth:>5} {mark:7} " + " ".join(f"{c:>{width}}" for c in cells), flush=True)
+
+    table = exit_table(loaded.model, loaded.tokenizer, task, depths, cap, rules, n, seed=seed, size=size,
+                       batch_size=settings.batch_size, context=context, on_row=on_row)
+    record = {"task": task, "step": loaded.step, "max_loops": cap, "rules": labels, "depths": depths,
+              "exit": {str(d): row for d, row in table.items()}, "n": n, "train_depth": train_depth,
+              "trained_loops": loaded.cfg.model.loops, "seed": seed, "size": size, "chance": chance(task, size),
+              "checkpoint": str(loaded.info.path)}
+    out = run_dir / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"task_{task}_exit_step_{loaded.step}.json"
+    atomic_write(path, json.dumps(record, indent=1))
+    plot = plot_exit_eval(run_dir, record)
+    print(f"eval --task {task}: adaptive depth, mean loops used per depth -> {path}; plot -> {plot}", flush=True)
+    return 0
+
+
+def run_task_eval(args: argparse.Namespace, rules: list[tuple[str, float]] | None = None) -> int:
     """`loopstack eval RUN --task TASK [--checkpoint DIR] [--loops 1,4,8] [--batches B] [--set task.KEY=V]`."""
     from data_pipeline.synth import synth_tokenizer
     from data_pipeline.tokenizer import Tokenizer
@@ -283,6 +380,16 @@ def run_task_eval(args: argparse.Namespace) -> int:
     loops = loops or list(cfg.eval.loops) or sorted({1, cfg.model.loops, 2 * cfg.model.loops})
     train_depth, depths, size, seed = resolve_depths(task, settings, task_data(cfg, loaded.run_dir, task), run_dir)
     context = [] if cfg.data.document_masking else [loaded.tokenizer.eos_id]
+
+    if rules:
+        if any(kind == "threshold" for kind, _ in rules) and not cfg.model.exit_gate:
+            raise UserError(f"--exit-threshold: {run_dir} was trained without the learned exit gate "
+                            "(model.exit_gate); --exit-epsilon exits by convergence instead")
+        cap = max(parse_loops(args.loops)) if args.loops else cfg.model.loops
+        print(f"eval --task {task}: {loaded.info.path} (step {loaded.step}), adaptive depth with at most {cap} loops, "
+              f"depths 1..{depths[-1]} (trained 1..{train_depth}), {n} problems per depth", flush=True)
+        return run_exit_task_eval(loaded, task, run_dir, depths, train_depth, cap, rules, n, seed, size, settings,
+                                  context)
 
     print(f"eval --task {task}: {loaded.info.path} (step {loaded.step}, trained {cfg.model.loops} loops), depths "
           f"1..{depths[-1]} (trained 1..{train_depth}), {n} problems per depth, seed {seed}"

@@ -164,6 +164,9 @@ class Trainer:
                             activation_checkpointing=cfg.parallel.activation_checkpointing)
         if cfg.train.init_from:
             self._init_weights_from(model, cfg.train.init_from)
+        if cfg.loop.exit_gate_only:  # the exit gate's stage II: the model frozen (no gradient, no optimizer state)
+            for name, p in model.named_parameters():
+                p.requires_grad_(name.startswith("exit_gate."))
         if cfg.train.compile:  # the core layers' forward compiled once, reused by every loop (models/compile.py)
             from pretrain.models.compile import compile_model
 
@@ -414,7 +417,8 @@ class Trainer:
         else:
             flops = flops_per_token(self.cfg.model, self.cfg.data.seq_len, record["loops"], record["backprop_loops"],
                                     self.cfg.parallel.activation_checkpointing, vocab_size=self.vocab_size,
-                                    loss_on=self.cfg.loop.loss_on)  # the model's rule for which loops feed the loss
+                                    # the model's rule for which loops feed the loss (the exit gate: every loop)
+                                    loss_on="all" if self.cfg.model.exit_gate else self.cfg.loop.loss_on)
             model_flops, hardware_flops = flops.model_flops, flops.hardware_flops
         record["tokens_per_s"] = tok_s
         record["model_flops_per_s"] = tok_s * model_flops
@@ -498,12 +502,40 @@ def _memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def evaluate_run(cfg: RunConfig, run_dir: Path, checkpoint: str = "auto") -> int:
+def evaluate_exit(model: torch.nn.Module, cfg: RunConfig, env: DistEnv, make_data, run_dir: Path, step: int,
+                  rules: list[tuple[str, float]], loops: list[int], message) -> list[dict]:
+    """`loopstack eval --exit-threshold/--exit-epsilon`: per-token adaptive depth at each rule and loop cap (the
+    loss and the loops a token used on average) beside the fixed-depth loss at the same caps; rank 0 writes
+    eval/exit_step_<n>.json."""
+    from pretrain.evaluate import loss_vs_loops, loss_with_exit, write_exit_eval
+
+    fixed = loss_vs_loops(model, make_data, loops, cfg.eval.batches, env.device, _dp_group())
+    names = {"threshold": "exit threshold", "epsilon": "exit epsilon"}
+    results = []
+    for n in loops:
+        message(f"eval step {step}: fixed depth {n} loops: loss {fixed[n]:.4f}")
+
+        def progress(kind: str, value: float, row: dict, n: int = n) -> None:
+            message(f"eval step {step}: {names[kind]} {value:g} (at most {n} loops): loss {row['loss']:.4f}, "
+                    f"mean loops used {row['mean_loops']:.2f} of {n} ({row['mean_loops'] / n:.0%} of the "
+                    f"fixed-depth loop compute)")
+
+        results += loss_with_exit(model, make_data, n, rules, cfg.eval.batches, env.device, _dp_group(),
+                                  progress if env.is_main else None)
+    if env.is_main:
+        message(f"eval step {step}: adaptive depth -> {write_exit_eval(run_dir, step, results, fixed)}")
+    return results
+
+
+def evaluate_run(cfg: RunConfig, run_dir: Path, checkpoint: str = "auto",
+                 exit_rules: list[tuple[str, float]] | None = None, exit_loops: list[int] | None = None) -> int:
     """`loopstack eval`: load a run's checkpoint, measure loss vs loops, write eval/ and the plots.
 
     No DeepSpeed engine, optimizer or wandb: the model is built as the trainer builds it and filled by
     `pretrain.weights.fill_from_checkpoint` (in the run's dtype); nothing of the run but eval/ and plots/ is
-    written. Under torchrun each TP rank loads its shards and DP ranks average, as in training."""
+    written. Under torchrun each TP rank loads its shards and DP ranks average, as in training. With `exit_rules`
+    (`--exit-threshold`, `--exit-epsilon`): adaptive depth at the caps `exit_loops` (default model.loops) instead
+    of the loss-vs-loops curve (`evaluate_exit`)."""
     from data_pipeline.tokenizer import load_tokenizer
     from pretrain.models import build_model
     from pretrain.plots import plot_run
@@ -524,7 +556,12 @@ def evaluate_run(cfg: RunConfig, run_dir: Path, checkpoint: str = "auto") -> int
         with user_errors_agreed():  # files only this rank reads may be refused: every rank raises the first
             fill_from_checkpoint(model, info, env.tp_rank, env.tp, to_dict(cfg), tokenizer, cfg.tokenizer.dir,
                                  dtype=torch.bfloat16 if cfg.train.dtype == "bf16" else None)
-        evaluate_model(model, cfg, env, lambda: eval_data(cfg, env, tokenizer.sha256), run_dir, info.step, say)
+        make_data = lambda: eval_data(cfg, env, tokenizer.sha256)  # noqa: E731
+        if exit_rules:
+            evaluate_exit(model, cfg, env, make_data, run_dir, info.step, exit_rules,
+                          exit_loops or [cfg.model.loops], say)
+            return 0
+        evaluate_model(model, cfg, env, make_data, run_dir, info.step, say)
         if env.is_main:
             for path in plot_run(run_dir):
                 print(f"plot: {path}")

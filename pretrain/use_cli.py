@@ -43,6 +43,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--exit-epsilon", type=float, default=None,
                      help="per token: stop looping once the state's relative change falls below this")
+    gen.add_argument("--exit-threshold", type=float, default=None,
+                     help="models with a learned exit gate (model.exit_gate): per token, stop looping once the "
+                          "cumulative exit probability reaches this (0 < q <= 1; 1 = every loop)")
     gen.add_argument("--batch-size", type=int, default=16, help="prompts per batch")
     gen.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step")
     gen.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="default: the run's")

@@ -14,6 +14,8 @@
     n_kv_heads            key/value heads, resolved (never 0)
     loop_lora_*           per-loop LoRA: rank, scale (alpha / r), the adapted projections, the bank size
     noise_seed            the seed of the random initial state h_0 (huginn / parcae: state_init random)
+    exit_gate             the model has a learned exit gate (exit_gate.weight / .bias): its weights are kept, but
+                          this code always runs `loops` loops (the threshold-1 forward of loopstack)
 
 `loops` is the loop count the model runs; set it when loading to run another depth:
 `AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True, loops=8)`. The KV cache has one slot per
@@ -82,6 +84,8 @@ class LoopstackConfig(PreTrainedConfig):
     loop_lora_targets: list[str] = field(default_factory=list)
     loop_lora_bank: int = 0
     noise_seed: int = 0
+    # the learned exit gate's weights (model.exit_gate): carried, not used here (this code runs every loop)
+    exit_gate: bool = False
     # no weight is tied by transformers: a tied head reads embed.weight directly (there is no lm_head then)
     tie_word_embeddings: bool = False
     use_cache: bool = True

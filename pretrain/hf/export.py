@@ -141,6 +141,7 @@ def hf_config(loaded, dtype: str = "fp32"):
         norm_affine=sw.norm_affine, state_init=sw.state_init, state_init_std=sw.state_init_std,
         embed_scale=sw.embed_scale, loop_lora_rank=rank, loop_lora_scale=(alpha / rank) if rank else 1.0,
         loop_lora_targets=list(lora_targets(cfg)), loop_lora_bank=bank, noise_seed=int(model._noise_seed),
+        exit_gate=model.exit_gate is not None,
         bos_token_id=special(tok.bos_id), eos_token_id=special(tok.eos_id), pad_token_id=special(tok.pad_id),
         dtype="float32" if dtype == "fp32" else "bfloat16")
 

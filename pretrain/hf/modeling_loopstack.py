@@ -322,6 +322,8 @@ class LoopstackForCausalLM(LoopstackPreTrainedModel, GenerationMixin):
         self.norm = make_norm(config, d, config.norm_affine)
         self.lm_head = None if config.tie_embeddings else nn.Linear(d, config.vocab_size, bias=False)
         self.loop_lora = self._build_lora(config) if config.loop_lora_rank else None
+        # loopstack's learned exit gate, kept so the weights round-trip; never read (every loop runs)
+        self.exit_gate = nn.Linear(d, 1) if config.exit_gate else None
         self._noise_rows = torch.empty(0, d, device="cpu")  # the random h_0, one row per position (grown on demand)
         self.post_init()
 

@@ -88,6 +88,10 @@ class ModelConfig:
     loop_lora_targets: list[LoRATarget] = param(
         [], help="core projections that get per-loop adapters, among wq wk wv wo w_gate w_up w_down "
                  "(w_gate: swiglu only); [] = all of the model's")
+    # --- adaptive depth ---
+    exit_gate: bool = param(False, help="learned per-token exit gate (Ouro): sigmoid(Linear(d, 1)) on each loop's "
+                                        "normalised state; trained with the expected loss over exit steps "
+                                        "(loop.exit_entropy), used at inference with --exit-threshold")
 
     def check_positions(self, seq_len: int) -> None:
         """Learned positions need a table (max_positions >= 1) as long as the training sequences. Two keys (and the
@@ -132,6 +136,14 @@ class LoopConfig:
                        "(uniform), max_loops (poisson_lognormal, required). Every draw is clamped to the cap")
     curriculum_steps: int = param(0, min=0, help="steps over which the curriculum cap ramps to its target (>= 1 when "
                                                  "curriculum_start is set)")
+    exit_entropy: float = param(0.1, min=0.0, help="model.exit_gate: weight beta of the exit distribution's entropy "
+                                                   "in the loss sum_t p(t) L_t - beta H(p) (Ouro: 0.1, then 0.05)")
+    exit_gate_only: bool = param(False, help="model.exit_gate, stage II: freeze the model, train only the gate towards "
+                                             "continuing where the next loop lowers the token's loss (Ouro)")
+    exit_gate_sharpness: float = param(50.0, min=0.0, help="stage II: k in the target sigmoid(k (improvement - "
+                                                           "margin)) (Ouro: 50)")
+    exit_gate_margin: float = param(0.005, help="stage II: gamma, the loss improvement that counts as worth a loop "
+                                                "(Ouro: 0.005)")
     per_sequence: bool = param(
         False, help="draw a loop count for every sequence of the global batch (Parcae), not one per step: the batch "
                     "runs the largest, a sequence past its own count keeps its state; needs loss_on: last")
@@ -150,6 +162,14 @@ class LoopConfig:
         if self.max_loops:
             top = self.max_loops if top is None else min(top, self.max_loops)
         return None if top is None else max(1, top)
+
+    def check_adaptive(self, model: ModelConfig) -> None:
+        """The exit gate's keys against the model's (two sections: on the resolved config, like `check_depth`)."""
+        if self.exit_gate_only and not model.exit_gate:
+            raise ConfigError("loop.exit_gate_only trains the learned exit gate alone: it needs model.exit_gate: true")
+        if model.exit_gate and self.per_sequence:
+            raise ConfigError("model.exit_gate and loop.per_sequence both decide where a token's loops end: use one "
+                              "(the gate's objective runs every loop of the step for every sequence)")
 
     def check_depth(self, mean_loops: int) -> None:
         """The depth checks (curriculum; per-sequence depth needs loss_on: last), one-line ConfigErrors naming the

@@ -98,3 +98,7 @@ class EarlyExit:
 
     def all_done(self) -> bool:
         return bool(self.done.all())
+
+    def exited(self) -> torch.Tensor:
+        """Real tokens (sequences) that have stopped (padding, done from the start, is not among them)."""
+        return self.done if self.valid is None else self.done & self.valid

@@ -10,8 +10,9 @@ step) and its keys/values from the current stream, which is what each slot cache
 the loop count (T * n_core slots). The alternatives are not offered: caching only the last loop means recomputing
 the earlier loops over the whole prefix every step (exact, but the cost of an uncached forward), and sharing one
 loop's cache across loops (Huginn-style) is approximate unless the recurrence has converged. A cache is tied to
-the loop count it was allocated for. Per-token early exit is exact with it (every loop still runs to fill the slots);
-per-sequence early exit is not combined with caching.
+the loop count it was allocated for. Per-token early exit is exact with it: a stopped token offers later loops its
+exit loop's keys/values (`ExitKV`, the same with and without the cache), so a step whose tokens have all stopped
+skips the remaining loops and copies those slots; per-sequence early exit is not combined with caching.
 
     cache = KVCache.allocate(model, batch=B, max_len=T0 + n, loops=8)
     out = model(prompt, loops=8, cache=cache)            # prefill: logits for every prompt position
@@ -72,6 +73,62 @@ class KVCache:
         self.pos += n
 
 
+class ExitKV:
+    """Keys/values under per-token early exit: a token that stopped looping offers every later loop the keys and
+    values of its exit loop (at each core layer), instead of running on. Later tokens attend to exactly that, with or
+    without a KV cache, so the rule stays exact with the cache; and a decode step whose tokens have all stopped
+    skips its remaining loops, filling their cache slots by copying the exit loop's (`fill_skipped`): the compute
+    after an exit is really saved.
+
+    `frozen` ([B, T] bool, set by the exit driver before each loop) marks the chunk's tokens that stopped at an
+    earlier loop. Without a cache the previous loop's keys/values of each core layer are kept here; with one they
+    are read back from the previous loop's cache slot."""
+
+    def __init__(self, cache: KVCache | None, n_prelude: int, n_core: int):
+        self.cache, self.n_prelude, self.n_core = cache, n_prelude, n_core
+        self.frozen: torch.Tensor | None = None
+        self._last: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def layer(self, t: int, i: int) -> _ExitLayerKV:
+        return _ExitLayerKV(self, t, i)
+
+    def slot(self, t: int, i: int) -> int:
+        return self.n_prelude + t * self.n_core + i
+
+    def fill_skipped(self, first: int, loops: int, length: int) -> None:
+        """Cache slots of loops first..loops-1 (0-based) for the chunk: copies of the loop before (every token of
+        the chunk has stopped)."""
+        c = self.cache
+        start, end = c.pos, c.pos + length
+        for t in range(first, loops):
+            for i in range(self.n_core):
+                to, at = self.slot(t, i), self.slot(t - 1, i)
+                c.k[to][:, :, start:end] = c.k[at][:, :, start:end]
+                c.v[to][:, :, start:end] = c.v[at][:, :, start:end]
+
+
+class _ExitLayerKV:
+    """The `kv_cache` of core layer i in loop t under `ExitKV` (the interface of `LayerKV`)."""
+
+    def __init__(self, owner: ExitKV, t: int, i: int):
+        self.owner, self.t, self.i = owner, t, i
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        o = self.owner
+        if o.frozen is not None and self.t > 0 and bool(o.frozen.any()):
+            if o.cache is not None:
+                at, start = o.slot(self.t - 1, self.i), o.cache.pos
+                prev = (o.cache.k[at][:, :, start:start + k.shape[2]], o.cache.v[at][:, :, start:start + k.shape[2]])
+            else:
+                prev = o._last[self.i]
+            keep = o.frozen[:, None, :, None]
+            k, v = torch.where(keep, prev[0], k), torch.where(keep, prev[1], v)
+        if o.cache is None:
+            o._last[self.i] = (k, v)
+            return k, v
+        return o.cache.layer(o.slot(self.t, self.i)).update(k, v)
+
+
 def gather_vocab(logits: torch.Tensor) -> torch.Tensor:
     """Full-vocabulary logits from this rank's vocabulary shard (all-gather over the TP group)."""
     from megatron.core import parallel_state as ps
@@ -116,8 +173,8 @@ def check_positions(model, longest: int, max_new_tokens: int) -> None:
 @dataclass
 class Generation:
     """What `generate_batch` produced, per prompt: the new tokens (up to and without the end-of-sequence token),
-    the loops each new token used (the loop count, or where it exited under exit_epsilon), whether it ended with
-    end-of-sequence, and the wall time of the prompt pass and of the decoding."""
+    the loops each new token used (the loop count, or where it exited under exit_epsilon / exit_threshold), whether
+    it ended with end-of-sequence, and the wall time of the prompt pass and of the decoding."""
 
     tokens: list[list[int]]
     loops_used: list[list[int]]
@@ -130,15 +187,16 @@ class Generation:
 def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, *, loops: int | None = None,
                    temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                    eos_id: int | None = None, pad_id: int = 0, use_cache: bool = True,
-                   exit_epsilon: float | None = None,
+                   exit_epsilon: float | None = None, exit_threshold: float | None = None,
                    stop: Callable[[int, list[int]], bool] | None = None) -> Generation:
     """Continue prompts of any lengths in one batch: left-padded with `pad_id` and masked (the model's `attention_mask`:
     positions, rotary or learned, count real tokens, padding is never attended), so each row generates what it would
     alone (learned positions: at most model.max_positions positions, a ValueError first). Greedy at temperature 0, else
     sampled (`sample_next`) from a generator seeded with `seed` (every TP rank draws the same). A row stops at `eos_id`,
     or once `stop(row, its new tokens)` is true (e.g. a stop string decoded; the tokens are kept); the batch stops when
-    every row has. `exit_epsilon`: per-token early exit (`LoopedLM.forward(exit_per_token=True)`; exact with the cache,
-    which still runs every loop)."""
+    every row has. `exit_epsilon`: per-token early exit by convergence (`LoopedLM.forward(exit_per_token=True)`);
+    `exit_threshold`: per-token exit by the learned exit gate (models with model.exit_gate; see exit_gate.py). Both are
+    exact with the cache (`ExitKV`), and a decode step whose tokens have all stopped skips its remaining loops."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     loops = loops or model.cfg.loops
@@ -164,7 +222,7 @@ def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, *, loop
         for _ in range(max_new_tokens):
             out = model(chunk if use_cache else seq, loops=loops, cache=cache,
                         attention_mask=mask if padded else None, exit_epsilon=exit_epsilon,
-                        exit_per_token=exit_epsilon is not None)
+                        exit_per_token=exit_epsilon is not None, exit_threshold=exit_threshold)
             logits = gather_vocab(out.logits[:, -1])[:, :model.vocab_size].float()
             nxt = sample_next(logits, temperature, top_k, top_p, gen)
             depth = out.exit_loops[:, -1].tolist() if out.exit_loops is not None else [loops] * B

@@ -34,8 +34,14 @@ diagnostics (`Recorder.observe`) watch it; early exit (`_run_with_exit`) and the
   frozen, later loops leave it unchanged; the batch stops when all have exited); `exit_loops` says where each
   stopped. The loss, if labels are given, is taken on the final states. With exit_per_token=True the rule is per
   position (norms over d_model), `exit_loops` is [B, T]: a token's state, and so every (loop, layer) key/value it
-  produces, depends only on tokens <= it, so this form is also exact with a KV cache (all loops then still run, so
-  that every cache slot is filled; a frozen token's later-loop keys/values come from its frozen state).
+  produces, depends only on tokens <= it, so this form is also exact with a KV cache. A stopped token offers every
+  later loop the keys/values of its exit loop (`generate.ExitKV`, with or without a cache), so once every token of
+  the chunk has stopped the remaining loops are skipped, their cache slots filled by copies: compute is saved.
+- exit gate (`model.exit_gate`, exit_gate.py): in training mode with labels the loss is the gate's objective over
+  every loop (Stage I: the expected loss over exit steps minus loop.exit_entropy x its entropy; loop.exit_gate_only:
+  Stage II, the gate alone), its parts in `stats`; in eval mode the loss is the ordinary one. exit_threshold=q
+  (inference): a token stops once its cumulative exit probability reaches q (per token, like exit_per_token; q = 1
+  is the fixed-depth forward bit for bit); `exit_loops` [B, T] says where.
 - cache (inference): a `generate.KVCache`; `tokens` are then the next chunk after the cached positions.
 - attention_mask (inference, batched prompts of different lengths): [B, cached + T], 1 for a real token, 0 for
   (left) padding. Positions (rotary, or the rows of a learned position embedding) count real tokens only
@@ -65,7 +71,8 @@ from torch.utils.checkpoint import checkpoint
 from pretrain.models.config import LoopConfig, ModelConfig, Switches, padded_vocab, resolve_switches
 from pretrain.models.depth import loss_loop_indices
 from pretrain.models.diagnostics import EarlyExit, LoopDiagnostics, Recorder
-from pretrain.models.generate import KVCache, generate
+from pretrain.models.exit_gate import ExitGate, GateExit, exit_objective, gate_only_objective
+from pretrain.models.generate import ExitKV, KVCache, generate
 from pretrain.models.layers import (
     Layer,
     PositionEmbedding,
@@ -102,6 +109,7 @@ class _Context:
     mask: torch.Tensor | None
     cache: KVCache | None
     loops: int
+    exit_kv: ExitKV | None = None  # per-token early exit: stopped tokens' keys/values (generate.ExitKV)
 
 
 @dataclass
@@ -185,6 +193,8 @@ class LoopedLM(nn.Module):
         # per-loop LoRA on the core (lora.py), created last: its A draws leave every other initial weight and the
         # noise seed as they are without it, so at init (B = 0) the model is the shared one exactly
         self.loop_lora = build_loop_lora(cfg, loop_cfg, dtype)
+        # the learned exit gate (exit_gate.py), after everything else for the same reason
+        self.exit_gate = ExitGate(d, cfg.init_std, dtype) if cfg.exit_gate else None
 
     @property
     def recurrence(self) -> Recurrence:
@@ -196,19 +206,27 @@ class LoopedLM(nn.Module):
                 backprop_loops: int | None = None, diagnostics: bool = False, doc_ids: torch.Tensor | None = None,
                 exit_epsilon: float | None = None, loss_on: str | None = None, return_logits: bool = False,
                 cache: KVCache | None = None, depths: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, exit_per_token: bool = False) -> LoopedOutput:
+                attention_mask: torch.Tensor | None = None, exit_per_token: bool = False,
+                exit_threshold: float | None = None) -> LoopedOutput:
         n = loops or self.cfg.loops
+        if exit_threshold is not None:  # the learned gate's rule: always per token
+            if self.exit_gate is None:
+                raise ValueError("exit_threshold needs the learned exit gate (model.exit_gate: true)")
+            if exit_epsilon is not None:
+                raise ValueError("one exit rule at a time: exit_threshold (learned gate) or exit_epsilon (convergence)")
+            exit_per_token = True
+        adaptive = exit_epsilon is not None or exit_threshold is not None
         k = self.loop_cfg.backprop_loops if backprop_loops is None else backprop_loops
         per_seq = None
         if depths is not None:  # per-sequence depth (training): n = max(depths), k = loops with any gradient
-            if cache is not None or exit_epsilon is not None:
+            if cache is not None or adaptive:
                 raise ValueError("per-sequence depths are a training path: not with a KV cache or early exit")
             if (loss_on or self.loop_cfg.loss_on) != "last":
                 raise ValueError("per-sequence depths need loss_on = last (each sequence's loss is on its final state)")
             per_seq = _PerSequence(depths, k, tokens.shape[0], tokens.device)
             n, k = per_seq.loops, per_seq.backprop
         k = n if k <= 0 else min(k, n)
-        if cache is not None and (cache.loops != n or (exit_epsilon is not None and not exit_per_token)
+        if cache is not None and (cache.loops != n or (adaptive and not exit_per_token)
                                   or doc_ids is not None):
             raise ValueError(f"a KV cache allocated for {cache.loops} loops serves exactly that loop count, "
                              "without per-sequence early exit or document masks")
@@ -220,14 +238,23 @@ class LoopedLM(nn.Module):
         if recorder is not None:
             steps = recorder.observe(steps)
 
-        early_exit, losses = None, []
-        if exit_epsilon is not None:  # inference: the loss, if any, on the final states
+        early_exit, losses, stats = None, [], {}
+        if adaptive:  # inference: the loss, if any, on the final states
             valid = attention_mask[:, -tokens.shape[1]:].bool() if attention_mask is not None else None
-            early_exit = EarlyExit(exit_epsilon, tokens.shape[0], n, tokens.device, per_token=exit_per_token,
-                                   length=tokens.shape[1], valid=valid)
-            h = self._run_with_exit(steps, early_exit, h, stop_early=cache is None)
+            B, T = tokens.shape
+            if exit_threshold is not None:
+                early_exit = GateExit(self._exit_logit, exit_threshold, B, T, n, tokens.device, valid=valid)
+            else:
+                early_exit = EarlyExit(exit_epsilon, B, n, tokens.device, per_token=exit_per_token, length=T,
+                                       valid=valid)
+            if exit_per_token:  # a stopped token's later-loop keys/values: its exit loop's
+                ctx.exit_kv = ExitKV(cache, len(self.prelude), len(self.core))
+            h = self._run_with_exit(steps, early_exit, h, ctx, n, T)
             if labels is not None:
                 losses.append(self._loss_head(h, labels, ctx, checkpointed=False))
+        elif self.exit_gate is not None and labels is not None and self.training:  # the gate's training objective
+            h, loss, stats = self._exit_gate_loss(steps, labels, ctx)
+            losses.append(loss)
         else:
             loss_loops = range(0) if labels is None else self._loss_loops(n, k, loss_on)
             for step in steps:
@@ -240,7 +267,7 @@ class LoopedLM(nn.Module):
             cache.advance(tokens.shape[1])
         return LoopedOutput(loss=torch.stack(losses).mean() if losses else None, logits=logits,
                             diagnostics=recorder.finish(self.injection.diagnostics()) if recorder else None,
-                            exit_loops=early_exit.loops_run if early_exit else None)
+                            exit_loops=early_exit.loops_run if early_exit else None, stats=stats)
 
     def _loops(self, h: torch.Tensor | None, e: torch.Tensor, ctx: _Context, n: int, k: int,
                per_seq: _PerSequence | None = None):
@@ -257,14 +284,48 @@ class LoopedLM(nn.Module):
             yield step
             h = step.state
 
+    def _exit_gate_loss(self, steps, labels: torch.Tensor, ctx: _Context):
+        """Every loop's per-token cross-entropy and gate logit, combined by the exit gate's objective (exit_gate.py):
+        Stage I (the expected loss over exit steps minus loop.exit_entropy x its entropy) or, with
+        loop.exit_gate_only, Stage II (the model under no_grad, the gate alone against the next loop's improvement).
+        Returns the final state, the loss and its parts."""
+        lc, only = self.loop_cfg, self.loop_cfg.exit_gate_only
+        ces, logits, h = [], [], None
+        grad = torch.is_grad_enabled()
+        with torch.set_grad_enabled(grad and not only):  # Stage II: nothing of the model builds a graph
+            for step in steps:
+                h = step.state
+                ces.append(self._loss_head(h, labels, ctx, checkpointed=True, per_token=True))
+                if only:
+                    normed = self.norm(h).detach()
+                    with torch.set_grad_enabled(grad):
+                        logits.append(self.exit_gate(normed))
+                else:
+                    logits.append(self._exit_logit(h))
+        valid = labels >= 0
+        if only:
+            loss, stats = gate_only_objective(ces, logits, valid, lc.exit_gate_sharpness, lc.exit_gate_margin)
+        else:
+            loss, stats = exit_objective(ces, logits, valid, lc.exit_entropy)
+        return h, loss, stats
+
+    def _exit_logit(self, h: torch.Tensor) -> torch.Tensor:
+        """The exit gate's logit [B, T] on a loop state: it reads the state through the final norm."""
+        return self.exit_gate(self.norm(h))
+
     @staticmethod
-    def _run_with_exit(steps, early_exit: EarlyExit, h: torch.Tensor | None, stop_early: bool) -> torch.Tensor:
-        """Early exit (inference): freeze each sequence (token) once its state stops changing; stop when all have
-        (unless a KV cache needs every loop's slot filled)."""
+    def _run_with_exit(steps, early_exit: EarlyExit | GateExit, h: torch.Tensor | None, ctx: _Context, n: int,
+                       length: int) -> torch.Tensor:
+        """Early exit (inference): freeze each sequence (token) once its rule says stop; once all have, skip the
+        remaining loops (with a KV cache their slots get the exit loop's keys/values: `generate.ExitKV`)."""
         for step in steps:
             step.state = h = early_exit.step(step.t, step.prev, step.state)
-            if stop_early and early_exit.all_done():
+            if early_exit.all_done():
+                if ctx.cache is not None and step.t + 1 < n:
+                    ctx.exit_kv.fill_skipped(step.t + 1, n, length)
                 break
+            if ctx.exit_kv is not None:  # before the next loop runs: who offers it their exit loop's keys/values
+                ctx.exit_kv.frozen = early_exit.exited()
         return h
 
     def _loop(self, t: int, h: torch.Tensor | None, e: torch.Tensor, ctx: _Context):
@@ -283,10 +344,13 @@ class LoopedLM(nn.Module):
         """Core layer i in loop t: its KV-cache slot and this loop's LoRA adapters."""
         slot = len(self.prelude) + t * len(self.core) + i
         lora = self.loop_lora[i].at(t) if self.loop_lora is not None else None
-        return self._layer(self.core[i], x, ctx, slot, lora=lora, **kw)
+        kv = ctx.exit_kv.layer(t, i) if ctx.exit_kv is not None else None
+        return self._layer(self.core[i], x, ctx, slot, lora=lora, kv=kv, **kw)
 
-    def _layer(self, layer: Layer, x: torch.Tensor, ctx: _Context, slot: int, checkpointed: bool = True, **kw):
-        kv = ctx.cache.layer(slot) if ctx.cache is not None else None
+    def _layer(self, layer: Layer, x: torch.Tensor, ctx: _Context, slot: int, checkpointed: bool = True, kv=None,
+               **kw):
+        if kv is None and ctx.cache is not None:
+            kv = ctx.cache.layer(slot)
         if checkpointed and self.activation_checkpointing == "layer" and torch.is_grad_enabled():
             return checkpoint(layer, x, ctx.rope, mask=ctx.mask, kv_cache=kv, use_reentrant=False,
                               preserve_rng_state=False, **kw)
@@ -315,17 +379,20 @@ class LoopedLM(nn.Module):
         pad = self._padding_mask(logits)
         return logits if pad is None else logits.masked_fill(pad, float("-inf"))
 
-    def _loss_head(self, h: torch.Tensor, labels: torch.Tensor, ctx: _Context, checkpointed: bool) -> torch.Tensor:
+    def _loss_head(self, h: torch.Tensor, labels: torch.Tensor, ctx: _Context, checkpointed: bool,
+                   per_token: bool = False) -> torch.Tensor:
+        """The mean cross-entropy of the head on state h (per_token: each token's, [B, T], 0 where labels < 0)."""
         if checkpointed and self.activation_checkpointing != "none" and torch.is_grad_enabled():
             # several loss loops would each keep a [B, T, V/tp] softmax alive: recompute instead
-            return checkpoint(self._loss_of, h, labels, ctx, False, use_reentrant=False, preserve_rng_state=False)
-        return self._loss_of(h, labels, ctx, True)
+            return checkpoint(self._loss_of, h, labels, ctx, False, per_token, use_reentrant=False,
+                              preserve_rng_state=False)
+        return self._loss_of(h, labels, ctx, True, per_token)
 
-    def _loss_of(self, h, labels, ctx, layer_ckpt: bool) -> torch.Tensor:
+    def _loss_of(self, h, labels, ctx, layer_ckpt: bool, per_token: bool = False) -> torch.Tensor:
         logits = self._logits(h, ctx, layer_ckpt).float()  # the cross-entropy runs in fp32 (in place)
         valid = labels >= 0
-        ce = vocab_parallel_cross_entropy(logits, labels.clamp_min(0))
-        return (ce * valid).sum() / valid.sum().clamp_min(1)
+        ce = vocab_parallel_cross_entropy(logits, labels.clamp_min(0)) * valid
+        return ce if per_token else ce.sum() / valid.sum().clamp_min(1)
 
     # --- helpers ----------------------------------------------------------------------------------------------
 

@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[2]
 # the extra models: per-loop LoRA + GQA + qkv biases + untied head + swiglu + norm_eps; and LoRA on two projections
 # with alpha, no qk-norm, no soft-cap, prelude and coda, recall inside both sublayers; GPT-2-style options (LayerNorm
 # with bias, learned positions, GELU, biases on every projection) on a plain model and on Parcae (its input norm and
-# outer-loop norms are LayerNorms then too)
+# outer-loop norms are LayerNorms then too); the learned exit gate's weights travel (unused: every loop runs)
 EXTRA = {
     "gpt2-like": gpt2_like("looped", n_prelude=1, n_coda=1, logit_softcap=0.0),
     "parcae+gpt2-options": gpt2_like("parcae", loop_lora_rank=2, tie_embeddings=False),
@@ -45,7 +45,7 @@ EXTRA = {
                                      mlp="swiglu", norm_eps=1e-5),
     "recall_internal+options": tiny("recall_internal", internal_recall="sublayer", qk_norm=False, logit_softcap=0.0,
                                     n_prelude=1, n_coda=1, loop_lora_rank=2, loop_lora_alpha=4.0,
-                                    loop_lora_targets=["wq", "w_down"]),
+                                    loop_lora_targets=["wq", "w_down"], exit_gate=True),
 }
 CASES = {**{v: tiny(v) for v in VARIANTS}, **EXTRA}
 TEXTS = ["def f(x):\n\treturn  x   + 1\n", "  leading spaces,\ttabs\t\tand\n\n\nnewlines   ",

@@ -16,6 +16,8 @@ CASES = [(v, {}, {}, "none") for v in VARIANTS] + [
     ("huginn", dict(n_heads=4, n_kv_heads=2, n_prelude=1, n_coda=1), dict(backprop_loops=2), "layer"),
     ("parcae", dict(qk_norm=True, tie_embeddings=False), dict(loss_on="last_third", backprop_loops=2), "loop"),
     ("recall", dict(GPT2_LIKE, n_heads=4, n_prelude=1, n_coda=1), dict(backprop_loops=2), "layer"),
+    # the learned exit gate's objective (every loop's loss head, checkpointed) and its replicated gate
+    ("lt_i", dict(exit_gate=True), dict(backprop_loops=2), "loop"),
 ]
 
 
