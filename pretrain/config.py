@@ -49,6 +49,9 @@ class TrainConfig:
     dtype: Literal["fp32", "bf16"] = param("fp32", help="compute dtype")
     compile: bool = param(False, help="torch.compile the core layers once; every loop (any loop count) reuses the "
                                       "graph (pretrain/models/compile.py)")
+    loss_chunk_tokens: int = param(0, min=0, help="compute the head and cross-entropy on this many tokens at a time, "
+                                                  "recomputing each chunk's logits in backward, so the fp32 logits of "
+                                                  "a whole micro batch never exist at once; 0 = all at once")
     spike_factor: float = param(0.0, min=0.0, help="skip a step whose loss > factor x moving average; 0 = off")
     spike_rollback_after: int = param(3, min=1, help="consecutive skipped steps before rolling back")
     max_rollbacks: int = param(3, min=0, help="spike rollbacks without getting past the step that caused the "

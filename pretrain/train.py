@@ -164,6 +164,7 @@ class Trainer:
                             activation_checkpointing=cfg.parallel.activation_checkpointing)
         if cfg.train.init_from:
             self._init_weights_from(model, cfg.train.init_from)
+        model.loss_chunk = cfg.train.loss_chunk_tokens  # the chunked loss (models/looped.py), applied from outside
         if cfg.loop.exit_gate_only:  # the exit gate's stage II: the model frozen (no gradient, no optimizer state)
             for name, p in model.named_parameters():
                 p.requires_grad_(name.startswith("exit_gate."))
@@ -550,6 +551,7 @@ def evaluate_run(cfg: RunConfig, run_dir: Path, checkpoint: str = "auto",
         torch.manual_seed(cfg.seed)  # as the trainer builds it (the h_0 noise seed comes from the checkpoint)
         model = build_model(cfg.model, cfg.loop, vocab, activation_checkpointing=cfg.parallel.activation_checkpointing,
                             device=env.device)
+        model.loss_chunk = cfg.train.loss_chunk_tokens
         info = ckpt.find_resume(run_dir, checkpoint, warn=say)  # collective: every rank hashes a share
         if info is None:
             raise UserError(f"{run_dir}: no complete checkpoint to evaluate")

@@ -16,6 +16,9 @@ diagnostics (`Recorder.observe`) watch it; early exit (`_run_with_exit`) and the
   last, all, or the last third; loops outside the truncated-backprop window never feed the loss), averaged over
   those loops. Computed with megatron's `vocab_parallel_cross_entropy`, so the vocabulary stays sharded and the
   value is identical on every TP rank.
+- chunked loss (`loss_chunk` = train.loss_chunk_tokens > 0): the head and cross-entropy run on that many tokens at
+  a time, each chunk checkpointed (its logits recomputed in backward), so the fp32 logits of the whole micro batch
+  never exist at once; still vocabulary-parallel under TP.
 - logits: this rank's vocabulary shard [B, T, V_padded / tp] of the final state, soft-capped, padding ids at
   -inf. Only returned when no labels are given (or with return_logits=True): the loss path never materialises
   a second copy of the logits.
@@ -195,6 +198,9 @@ class LoopedLM(nn.Module):
         self.loop_lora = build_loop_lora(cfg, loop_cfg, dtype)
         # the learned exit gate (exit_gate.py), after everything else for the same reason
         self.exit_gate = ExitGate(d, cfg.init_std, dtype) if cfg.exit_gate else None
+        # the loss computes the logits of at most this many tokens at a time (0 = all at once): set from outside
+        # by the trainer (train.loss_chunk_tokens), like compilation; the same loss to fp32 rounding
+        self.loss_chunk = 0
 
     @property
     def recurrence(self) -> Recurrence:
@@ -368,9 +374,16 @@ class LoopedLM(nn.Module):
 
     def _logits(self, h: torch.Tensor, ctx: _Context, checkpointed: bool = True) -> torch.Tensor:
         """Coda -> final norm -> head on this rank's vocabulary shard, soft-capped, padding ids at -inf."""
+        return self._head(self._coda(h, ctx, checkpointed))
+
+    def _coda(self, h: torch.Tensor, ctx: _Context, checkpointed: bool = True) -> torch.Tensor:
         first = len(self.prelude) + ctx.loops * len(self.core)
         for j, layer in enumerate(self.coda):
             h = self._layer(layer, h, ctx, first + j, checkpointed)
+        return h
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm -> head on this rank's vocabulary shard, soft-capped, padding ids at -inf."""
         weight = self.embed.weight if self.cfg.tie_embeddings else None
         logits = self.lm_head(self.norm(h), weight=weight)[0]
         c = self.cfg.logit_softcap
@@ -389,10 +402,29 @@ class LoopedLM(nn.Module):
         return self._loss_of(h, labels, ctx, True, per_token)
 
     def _loss_of(self, h, labels, ctx, layer_ckpt: bool, per_token: bool = False) -> torch.Tensor:
-        logits = self._logits(h, ctx, layer_ckpt).float()  # the cross-entropy runs in fp32 (in place)
+        h = self._coda(h, ctx, layer_ckpt)
         valid = labels >= 0
-        ce = vocab_parallel_cross_entropy(logits, labels.clamp_min(0)) * valid
+        n = labels.numel()
+        if 0 < self.loss_chunk < n:  # chunked: at most loss_chunk tokens' logits exist at a time
+            B, T, d = h.shape
+            flat_h, flat_y = h.reshape(1, n, d), labels.reshape(1, n)
+            parts = []
+            for lo in range(0, n, self.loss_chunk):
+                hi = min(lo + self.loss_chunk, n)
+                if torch.is_grad_enabled():  # backward recomputes this chunk's logits instead of keeping them
+                    parts.append(checkpoint(self._token_ce, flat_h[:, lo:hi], flat_y[:, lo:hi], use_reentrant=False,
+                                            preserve_rng_state=False))
+                else:
+                    parts.append(self._token_ce(flat_h[:, lo:hi], flat_y[:, lo:hi]))
+            ce = torch.cat(parts, dim=1).view(B, T) * valid
+        else:
+            ce = self._token_ce(h, labels) * valid
         return ce if per_token else ce.sum() / valid.sum().clamp_min(1)
+
+    def _token_ce(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Each token's cross-entropy of the head on h (labels < 0 read as 0: the caller masks them), computed
+        vocabulary-parallel in fp32 (in place on the fp32 logits)."""
+        return vocab_parallel_cross_entropy(self._head(h).float(), labels.clamp_min(0))
 
     # --- helpers ----------------------------------------------------------------------------------------------
 

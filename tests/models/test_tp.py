@@ -16,8 +16,9 @@ CASES = [(v, {}, {}, "none") for v in VARIANTS] + [
     ("huginn", dict(n_heads=4, n_kv_heads=2, n_prelude=1, n_coda=1), dict(backprop_loops=2), "layer"),
     ("parcae", dict(qk_norm=True, tie_embeddings=False), dict(loss_on="last_third", backprop_loops=2), "loop"),
     ("recall", dict(GPT2_LIKE, n_heads=4, n_prelude=1, n_coda=1), dict(backprop_loops=2), "layer"),
-    # the learned exit gate's objective (every loop's loss head, checkpointed) and its replicated gate
-    ("lt_i", dict(exit_gate=True), dict(backprop_loops=2), "loop"),
+    # the learned exit gate's objective (every loop's loss head, checkpointed) and its replicated gate; the chunked
+    # loss (7 tokens at a time: chunks that do not divide the batch)
+    ("lt_i", dict(exit_gate=True, loss_chunk=7), dict(backprop_loops=2), "loop"),
 ]
 
 
@@ -40,7 +41,10 @@ def _run_case(case):
     from tests.models.helpers import batch, build, tiny
 
     variant, mkw, lkw, ckpt = case
+    mkw = dict(mkw)
+    chunk = mkw.pop("loss_chunk", 0)  # the trainer's train.loss_chunk_tokens, set on the built model
     model = build(tiny(variant, **mkw), LoopConfig(**lkw), seed=3, activation_checkpointing=ckpt)
+    model.loss_chunk = chunk
     init = {n: _gather_like(p, p) for n, p in model.named_parameters()}
     tokens, labels = batch(B=2, T=16, seed=4)
     out = model(tokens, labels, diagnostics=True, return_logits=True)
