@@ -48,6 +48,9 @@ class DataConfig:
                                  help="fraction of sequences held out when no eval dirs are given")
     seq_len: int = param(256, min=8, help="tokens per training sequence")
     document_masking: bool = param(False, help="attention does not cross document boundaries")
+    prefetch: int = param(2, min=0, help="training batches read ahead by a background thread (pinned memory on GPU "
+                                         "machines); 0 = read each batch when the step needs it. Exact either way: "
+                                         "checkpoints record the batches consumed")
 
     def check(self) -> None:
         if self.weights and len(self.weights) != len(self.train):

@@ -235,7 +235,10 @@ class PackedDataset:
     @property
     def epoch(self) -> int:
         """Completed passes over the least-consumed manifest with a positive weight."""
-        return min(d // s.n for d, s, w in zip(self.draws(), self.streams, self.weights, strict=True) if w > 0)
+        return self.epoch_at(self.cursor)
+
+    def epoch_at(self, cursor: int) -> int:
+        return min(d // s.n for d, s, w in zip(self.draws(cursor), self.streams, self.weights, strict=True) if w > 0)
 
     # --- sampling -------------------------------------------------------------------------------------
 

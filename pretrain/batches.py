@@ -19,8 +19,14 @@ class ModelInputs(NamedTuple):
     doc_ids: torch.Tensor | None  # [B, L] document index of each input position; None = no document masking
 
 
-def model_inputs(batch: dict[str, np.ndarray], device: torch.device | str) -> ModelInputs:
-    """`batch` (numpy, from the loader) as model inputs on `device`: model(x.inputs, x.labels, doc_ids=x.doc_ids)."""
-    tokens = torch.from_numpy(batch["tokens"]).to(device)
-    doc_ids = torch.from_numpy(batch["doc_ids"]).to(device)[:, :-1] if "doc_ids" in batch else None
+def model_inputs(batch: dict[str, np.ndarray | torch.Tensor], device: torch.device | str) -> ModelInputs:
+    """`batch` (numpy from the loader, or pinned tensors from `data_pipeline.prefetch.Prefetcher`, copied to the
+    device asynchronously) as model inputs on `device`: model(x.inputs, x.labels, doc_ids=x.doc_ids)."""
+    tokens = _on(batch["tokens"], device)
+    doc_ids = _on(batch["doc_ids"], device)[:, :-1] if "doc_ids" in batch else None
     return ModelInputs(tokens[:, :-1], tokens[:, 1:], doc_ids)
+
+
+def _on(x: np.ndarray | torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    t = x if isinstance(x, torch.Tensor) else torch.from_numpy(x)
+    return t.to(device, non_blocking=t.is_pinned())

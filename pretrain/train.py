@@ -148,6 +148,10 @@ class Trainer:
             dp_size=env.dp, seed=cfg.seed, weights=cfg.data.weights or None, split="train",
             eval_fraction=0.0 if cfg.data.eval else cfg.data.eval_fraction,
             tokenizer_sha256=self.tokenizer.sha256, document_masking=cfg.data.document_masking)
+        if cfg.data.prefetch:  # read ahead in a thread (data_pipeline/prefetch.py); checkpoints keep what was consumed
+            from data_pipeline.prefetch import Prefetcher
+
+            self.train_data = Prefetcher(self.train_data, cfg.data.prefetch)
 
     def eval_data(self):
         """A fresh eval stream from its start, so every eval sees the same sequences."""
