@@ -61,7 +61,41 @@ class Recorder:
         return self.diag
 
 
-class EarlyExit:
+class ExitRule:
+    """What every early-exit rule keeps (inference; the model's exit driver, `LoopedLM._run_with_exit`, calls `step`
+    after each loop): `done` ([B] per sequence or [B, T] per token), `loops_run` (after which loop each stopped; the
+    loop count for those that ran every loop) and `valid` ([B, T], False = padding, which per token counts as done
+    from the start: nothing real attends to it). A rule's `step(t, h, h_next)` returns the state after loop t with
+    what has stopped frozen, and marks what stops now (`_stop`)."""
+
+    def __init__(self, shape: tuple[int, ...], loops: int, device: torch.device, valid: torch.Tensor | None,
+                 padding_done: bool):
+        self.loops_run = torch.full(shape, loops, dtype=torch.long, device=device)
+        self.valid = valid
+        self.done = torch.zeros(shape, dtype=torch.bool, device=device)
+        if padding_done and valid is not None:
+            self.done |= ~valid
+
+    def _freeze(self, h: torch.Tensor, h_next: torch.Tensor) -> torch.Tensor:
+        """h_next, with the state of what stopped at an earlier loop kept as it was (h)."""
+        keep = self.done.view(*self.done.shape, *[1] * (h.dim() - self.done.dim()))
+        return torch.where(keep, h, h_next)
+
+    def _stop(self, t: int, newly: torch.Tensor) -> None:
+        """Mark what stops after (0-based) loop t."""
+        newly = newly & ~self.done
+        self.loops_run[newly] = t + 1
+        self.done |= newly
+
+    def all_done(self) -> bool:
+        return bool(self.done.all())
+
+    def exited(self) -> torch.Tensor:
+        """Real tokens (sequences) that have stopped (padding, done from the start, is not among them)."""
+        return self.done if self.valid is None else self.done & self.valid
+
+
+class EarlyExit(ExitRule):
     """Exit once ||h_t - h_{t-1}|| / ||h_{t-1}|| < epsilon, per sequence (the norms over all its positions) or per
     token (`per_token`: the norms over d_model at each position). An exited sequence's (token's) state is frozen:
     later loops leave it unchanged, and `loops_run` ([B], or [B, T] per token) says after which loop it stopped.
@@ -70,13 +104,8 @@ class EarlyExit:
 
     def __init__(self, epsilon: float, batch: int, loops: int, device: torch.device, *, per_token: bool = False,
                  length: int = 0, valid: torch.Tensor | None = None):
+        super().__init__((batch, length) if per_token else (batch,), loops, device, valid, padding_done=per_token)
         self.epsilon, self.per_token = epsilon, per_token
-        shape = (batch, length) if per_token else (batch,)
-        self.loops_run = torch.full(shape, loops, dtype=torch.long, device=device)
-        self.valid = valid
-        self.done = torch.zeros(shape, dtype=torch.bool, device=device)
-        if per_token and valid is not None:
-            self.done |= ~valid
 
     def step(self, t: int, h: torch.Tensor | None, h_next: torch.Tensor) -> torch.Tensor:
         if h is None or t == 0:  # the first change is measured between loops 1 and 2
@@ -87,18 +116,8 @@ class EarlyExit:
             diff, ref = diff * keep, ref * keep
         if self.per_token:
             rel = diff.norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-30)
-            h_next = torch.where(self.done[..., None], h, h_next)
         else:
             rel = diff.flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1).clamp_min(1e-30)
-            h_next = torch.where(self.done[:, None, None], h, h_next)
-        newly = ~self.done & (rel < self.epsilon)
-        self.loops_run[newly] = t + 1
-        self.done |= newly
+        h_next = self._freeze(h, h_next)
+        self._stop(t, rel < self.epsilon)
         return h_next
-
-    def all_done(self) -> bool:
-        return bool(self.done.all())
-
-    def exited(self) -> torch.Tensor:
-        """Real tokens (sequences) that have stopped (padding, done from the start, is not among them)."""
-        return self.done if self.valid is None else self.done & self.valid

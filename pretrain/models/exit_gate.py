@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pretrain.models.diagnostics import ExitRule
 from pretrain.models.layers import replicated
 
 
@@ -101,36 +102,23 @@ def gate_only_objective(ce: list[torch.Tensor], logits: list[torch.Tensor], vali
     return loss, stats
 
 
-class GateExit:
+class GateExit(ExitRule):
     """Inference: a token exits after the first loop n < T with 1 - S_n >= q (q < 1; q >= 1 never exits early) and
     keeps that state; `loops_run` [B, L] says where each token stopped (T for those that ran every loop). Padding
-    (`valid` False) counts as exited from the start. The same interface as `diagnostics.EarlyExit`, so the model's
-    exit driver serves both rules."""
+    (`valid` False) counts as exited from the start. An `ExitRule` like the convergence rule
+    (`diagnostics.EarlyExit`), so the model's exit driver serves both."""
 
     def __init__(self, gate, threshold: float, batch: int, length: int, loops: int, device: torch.device,
                  valid: torch.Tensor | None = None):
+        super().__init__((batch, length), loops, device, valid, padding_done=True)
         self.gate, self.threshold, self.loops = gate, threshold, loops
-        self.loops_run = torch.full((batch, length), loops, dtype=torch.long, device=device)
-        self.done = torch.zeros((batch, length), dtype=torch.bool, device=device)
-        self.valid = valid
-        if valid is not None:
-            self.done |= ~valid
         self.log_stay = torch.zeros((batch, length), dtype=torch.float32, device=device)
 
     def step(self, t: int, h: torch.Tensor | None, h_next: torch.Tensor) -> torch.Tensor:
         if h is not None:  # tokens that exited earlier keep their state
-            h_next = torch.where(self.done[..., None], h, h_next)
+            h_next = self._freeze(h, h_next)
         if self.threshold >= 1.0 or t + 1 >= self.loops:
             return h_next
         self.log_stay = self.log_stay + F.logsigmoid(-self.gate(h_next))
-        newly = ~self.done & (1 - torch.exp(self.log_stay) >= self.threshold)
-        self.loops_run[newly] = t + 1
-        self.done |= newly
+        self._stop(t, 1 - torch.exp(self.log_stay) >= self.threshold)
         return h_next
-
-    def all_done(self) -> bool:
-        return bool(self.done.all())
-
-    def exited(self) -> torch.Tensor:
-        """Real tokens that have stopped (padding, done from the start, is not among them)."""
-        return self.done if self.valid is None else self.done & self.valid

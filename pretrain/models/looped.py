@@ -73,7 +73,7 @@ from torch.utils.checkpoint import checkpoint
 
 from pretrain.models.config import LoopConfig, ModelConfig, Switches, padded_vocab, resolve_switches
 from pretrain.models.depth import loss_loop_indices
-from pretrain.models.diagnostics import EarlyExit, LoopDiagnostics, Recorder
+from pretrain.models.diagnostics import EarlyExit, ExitRule, LoopDiagnostics, Recorder
 from pretrain.models.exit_gate import ExitGate, GateExit, exit_objective, gate_only_objective
 from pretrain.models.generate import ExitKV, KVCache, generate
 from pretrain.models.layers import (
@@ -320,7 +320,7 @@ class LoopedLM(nn.Module):
         return self.exit_gate(self.norm(h))
 
     @staticmethod
-    def _run_with_exit(steps, early_exit: EarlyExit | GateExit, h: torch.Tensor | None, ctx: _Context, n: int,
+    def _run_with_exit(steps, early_exit: ExitRule, h: torch.Tensor | None, ctx: _Context, n: int,
                        length: int) -> torch.Tensor:
         """Early exit (inference): freeze each sequence (token) once its rule says stop; once all have, skip the
         remaining loops (with a KV cache their slots get the exit loop's keys/values: `generate.ExitKV`)."""
