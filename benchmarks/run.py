@@ -7,7 +7,7 @@ import inspect
 import sys
 
 BENCHMARKS = ["benchmarks.bench_data", "benchmarks.bench_models", "benchmarks.bench_trainer",
-              "benchmarks.bench_checkpoint", "benchmarks.bench_adaptive"]
+              "benchmarks.bench_checkpoint", "benchmarks.bench_step", "benchmarks.bench_adaptive"]
 
 
 def main(argv: list[str]) -> int:

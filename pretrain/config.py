@@ -39,6 +39,10 @@ class TrainConfig:
     muon_lr: float = param(0.02, min=0.0, help="Muon learning rate")
     muon_momentum: float = param(0.95, min=0.0, max=1.0, help="Muon momentum (Nesterov, EMA form)")
     muon_weight_decay: float = param(0.0, min=0.0, help="decoupled decay on Muon matrices (x muon_lr)")
+    muon_distributed: bool = param(True, help="Muon across data-parallel ranks: each matrix is orthogonalised "
+                                              "by one DP rank (batched Newton-Schulz) and the results are "
+                                              "exchanged; false = every rank orthogonalises every matrix "
+                                              "(same update, same optimizer state; pretrain/muon.py)")
     embed_lr: float = param(0.0, min=0.0, help="lr for the embedding (0 = train.lr)")
     head_lr: float = param(0.0, min=0.0, help="lr for an untied head (0 = train.lr)")
     weight_decay: float = param(0.1, min=0.0, help="AdamW decay on matrices")

@@ -23,7 +23,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from pretrain.muon import MatrixInfo, TPContext, Zero3Matrix, muon_step_flat, muon_step_shaped, muon_step_zero3
+from pretrain.muon import (
+    MatrixInfo,
+    MuonStats,
+    TPContext,
+    Zero3Matrix,
+    muon_step_flat,
+    muon_step_shaped,
+    muon_step_zero3,
+)
 
 ROLES = ("matrix", "embedding", "head", "norm", "injection", "lora", "bias")
 # group name -> update rule; this order is the param-group order
@@ -128,12 +136,17 @@ class HybridOptimizer(torch.optim.Optimizer):
     def __init__(self, groups: list[dict], *, betas: tuple[float, float], eps: float, momentum: float,
                  fused: bool = False, tp_group: dist.ProcessGroup | None = None,
                  dp_group: dist.ProcessGroup | None = None, ns_steps: int = 5,
-                 ns_dtype: torch.dtype = torch.float32):
+                 ns_dtype: torch.dtype = torch.float32, muon_distributed: bool = True):
         super().__init__(groups, dict(lr=0.0, weight_decay=0.0, momentum=momentum))
         self.skip_next_step = False
         self.tp = TPContext(tp_group)
         self.dp_group = dp_group
         self.ns_steps, self.ns_dtype = ns_steps, ns_dtype
+        # distributed Muon: each matrix orthogonalised by one DP rank (pretrain.muon); False = every rank all
+        self.muon_distributed = muon_distributed
+        # bytes sent and NS FLOPs, summed since construction (or the last reset): DeepSpeed may call step()
+        # several times per optimizer step (one group or sub-group at a time), so readers take differences
+        self.muon_stats = MuonStats()
         # per Muon group: the model's matrices in group order (DeepSpeed may swap the group's tensors for
         # flat partitions or fp32 copies, which lose megatron's TP attributes)
         self.matrices: dict[str, tuple[list[torch.Tensor], list[MatrixInfo]]] = {
@@ -181,12 +194,13 @@ class HybridOptimizer(torch.optim.Optimizer):
         lp_params, infos = self.matrices[group["name"]]
         params = group["params"]
         args = dict(lr=group["lr"], wd=group["weight_decay"], beta=group["momentum"], tp=self.tp,
-                    steps=self.ns_steps, ns_dtype=self.ns_dtype)
+                    steps=self.ns_steps, ns_dtype=self.ns_dtype, distributed=self.muon_distributed,
+                    stats=self.muon_stats)
         if self.zero3_matrices:  # ZeRO-3 steps one sub-group's flat partition at a time
             for flat in params:
                 muon_step_zero3(flat, self.zero3_matrices[id(flat)], self.state, dp_group=self.dp_group, **args)
         elif len(params) == len(infos) and all(p.shape == i.local_shape for p, i in zip(params, infos, strict=True)):
-            muon_step_shaped(params, infos, self.state, **args)
+            muon_step_shaped(params, infos, self.state, dp_group=self.dp_group, **args)
         elif len(params) == 1 and params[0].dim() == 1:
             muon_step_flat(params[0], lp_params, infos, self.state, dp_group=self.dp_group, **args)
         else:
@@ -202,4 +216,5 @@ def build_optimizer(model: torch.nn.Module, param_roles: Mapping[str, str], trai
     return HybridOptimizer(build_param_groups(model, param_roles, train_cfg),
                            betas=(train_cfg.beta1, train_cfg.beta2), eps=train_cfg.eps,
                            momentum=train_cfg.muon_momentum, fused=cuda, tp_group=tp_group, dp_group=dp_group,
-                           ns_dtype=torch.bfloat16 if cuda else torch.float32)
+                           ns_dtype=torch.bfloat16 if cuda else torch.float32,
+                           muon_distributed=train_cfg.muon_distributed)
