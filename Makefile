@@ -26,7 +26,7 @@ lint: install
 	$(BIN)/ruff check loopstack pretrain data_pipeline launch tests benchmarks
 
 test: install lint
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=25 tests
 
 bench: install
 	$(BIN)/python -m benchmarks.run $(BENCH)
