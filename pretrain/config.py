@@ -184,6 +184,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Ru
     try:  # checks across keys that --set may fill one at a time: on the resolved config only
         cfg.loop.check_depth(cfg.model.loops)
         cfg.loop.check_adaptive(cfg.model)
+        cfg.model.check_router(cfg.loop)
         cfg.model.check_positions(cfg.data.seq_len)
     except ConfigError as err:
         raise ConfigError(f"{origin}: {err}") from None

@@ -78,6 +78,10 @@ def export_hf(loaded, out: str | os.PathLike, dtype: str = "fp32", log=print) ->
     Face model directory `out` in `dtype` (fp32 | bf16); returns its path. See the module docstring."""
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    if loaded.cfg.model.router != "none":
+        raise UserError(f"{loaded.info.path}: model.router = {loaded.cfg.model.router} (Mixture-of-Recursions) is not "
+                        "in the exported modelling code, which runs every token through every loop; export hf "
+                        "supports unrouted models")
     out = Path(out)
     _check_out(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -92,6 +92,41 @@ class ModelConfig:
     exit_gate: bool = param(False, help="learned per-token exit gate (Ouro): sigmoid(Linear(d, 1)) on each loop's "
                                         "normalised state; trained with the expected loss over exit steps "
                                         "(loop.exit_entropy), used at inference with --exit-threshold")
+    # --- Mixture-of-Recursions token routing (routing.py; docs/adaptive.md, "Mixture-of-Recursions routing") ---
+    router: Literal["none", "expert_choice", "token_choice"] = param(
+        "none", help="per-token recursion depth (MoR, Bae et al. 2025): expert_choice = a router per loop keeps the "
+                     "top capacity share of the previous loop's tokens; token_choice = one router on e picks each "
+                     "token's depth; none = every token runs every loop")
+    router_capacity: list[float] = param(
+        [], help="expert_choice: share of the sequence kept at loop r (0-based), non-increasing, each in (0, 1]; "
+                 "[] = (N - r) / N with N the forward's loop count; a shorter list reuses its last entry")
+    router_alpha: float | None = param(None, min=0.0, help="gate scale alpha; null = 0.1 (expert_choice) or 1.0 "
+                                                           "(token_choice)")
+    router_aux_coeff: float | None = param(
+        None, min=0.0, help="weight of the router's auxiliary loss; null = 0.001 (expert_choice: BCE towards the "
+                            "top-k choice) or 0.1 (token_choice: balancing loss)")
+    router_z_coeff: float | None = param(None, min=0.0, help="weight of the router z-loss; null = 0 (expert_choice) "
+                                                             "or 1e-5 (token_choice)")
+
+    def check_router(self, loop_cfg: LoopConfig | None = None) -> None:
+        """The router keys across keys and sections (a one-line ConfigError naming the key): a capacity list only
+        with expert_choice; routing decides each token's depth, so not with per-sequence depth, and its loss is on
+        the last loop. Run on the resolved config (and at build), so `--set` flags may come in any order."""
+        if self.router == "none":
+            if self.router_capacity:
+                raise ConfigError("model.router_capacity applies to model.router: expert_choice only (router is none)")
+            return
+        if self.router_capacity and self.router != "expert_choice":
+            raise ConfigError(f"model.router_capacity applies to model.router: expert_choice only, not "
+                              f"{self.router!r}")
+        if loop_cfg is not None and loop_cfg.per_sequence:
+            raise ConfigError("loop.per_sequence does not combine with model.router (the router decides each "
+                              "token's depth)")
+        if loop_cfg is not None and loop_cfg.loss_on != "last":
+            raise ConfigError(f"model.router takes its loss on the last loop: loop.loss_on must be last, not "
+                              f"{loop_cfg.loss_on!r}")
+        if self.exit_gate:
+            raise ConfigError("model.exit_gate and model.router both decide each token's depth: use one")
 
     def check_positions(self, seq_len: int) -> None:
         """Learned positions need a table (max_positions >= 1) as long as the training sequences. Two keys (and the
@@ -116,6 +151,7 @@ class ModelConfig:
             raise ConfigError(f"n_kv_heads = {kv} does not divide n_heads = {self.n_heads}")
         resolve_switches(self)
         lora_targets(self)
+        router_capacities(self, max(self.loops, len(self.router_capacity), 1))  # each in (0, 1], non-increasing
 
 
 @dataclass
@@ -290,6 +326,35 @@ def lora_bank(model_cfg: ModelConfig, loop_cfg: LoopConfig) -> int:
     if not model_cfg.loop_lora_rank:
         return 0
     return loop_cfg.depth_target(model_cfg.loops) or model_cfg.loops
+
+
+ROUTER_DEFAULTS = {  # (alpha, aux coeff, z coeff) when the key is null: the paper's chosen settings
+    "expert_choice": (0.1, 0.001, 0.0),
+    "token_choice": (1.0, 0.1, 1e-5),
+}
+
+
+def router_settings(cfg: ModelConfig) -> tuple[float, float, float]:
+    """(alpha, aux coeff, z coeff) of `model.router`, nulls replaced by the router's defaults (`ROUTER_DEFAULTS`)."""
+    alpha, aux, z = ROUTER_DEFAULTS[cfg.router]
+    pick = [cfg.router_alpha, cfg.router_aux_coeff, cfg.router_z_coeff]
+    return tuple(d if v is None else float(v) for v, d in zip(pick, (alpha, aux, z), strict=True))
+
+
+def router_capacities(cfg: ModelConfig, loops: int) -> list[float]:
+    """Expert-choice capacity of each of `loops` loops: `model.router_capacity` (a shorter list reuses its last
+    entry), or the paper's default (loops - r) / loops for r = 0..loops-1. A ConfigError unless each is in (0, 1]
+    and the list is non-increasing (the hierarchy: a loop keeps a subset of the previous loop's tokens)."""
+    given = list(cfg.router_capacity)
+    for i, c in enumerate(given):
+        if not 0.0 < c <= 1.0:
+            raise ConfigError(f"router_capacity[{i}] = {c} must be in (0, 1]")
+        if i and c > given[i - 1]:
+            raise ConfigError(f"router_capacity must be non-increasing: entry {i} ({c}) > entry {i - 1} "
+                              f"({given[i - 1]})")
+    if not given:
+        return [(loops - r) / loops for r in range(loops)]
+    return [given[min(r, len(given) - 1)] for r in range(loops)]
 
 
 def resolve_switches(cfg: ModelConfig) -> Switches:

@@ -14,12 +14,22 @@ are ignored, as usual):
 - activation checkpointing adds one more forward of what it recomputes: each backpropagated loop ("loop"), or
   every backpropagated layer ("layer"); with more than one loss-feeding loop the loss heads (coda + head) are
   recomputed too.
+- Mixture-of-Recursions routing (`model.router`, routing.py): `capacities` gives the share of the tokens active at
+  each loop (a shorter list reuses its last entry); loop r's projections, MLP, injection and LoRA cost its share f_r
+  and its attention f_r^2 (queries and keys both shrink), the routers add 2 d per token per loop (expert choice,
+  applied to every token) or 2 d N_r once (token choice), under the same forward/backward/recompute rules (the
+  routers sit outside a loop checkpoint). Exact for expert choice in training with capacities int(c_r T) / T;
+  for token choice (or the inference rule) the share is data-dependent: pass the expected one (e.g. the logged
+  router/selected_frac_r{r}) and the count is approximate. Without `capacities`: expert choice counts its
+  training top-k shares max(1, int(c_r T)) / T of the configured capacities (exact), token choice every loop
+  as full (an upper bound).
 model_flops = what the maths needs (forward-only loops 1x, the rest 3x); hardware_flops = model_flops +
 recomputation (what the device executes). Both per token; multiply by tokens per second over peak FLOP/s for MFU.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pretrain.models.config import (
@@ -29,6 +39,7 @@ from pretrain.models.config import (
     padded_vocab,
     projection_dims,
     resolve_switches,
+    router_capacities,
 )
 from pretrain.models.depth import loss_loop_indices
 
@@ -62,10 +73,13 @@ def loop_lora_flops(model_cfg: ModelConfig) -> float:
 
 def flops_per_token(model_cfg: ModelConfig, seq_len: int, loops: int, backprop_loops: int = 0,
                     activation_checkpointing: str = "none", *, vocab_size: int = 0, loss_loops: int = 1,
-                    attention: str = "causal", loss_on: str | None = None) -> FlopsBreakdown:
+                    attention: str = "causal", loss_on: str | None = None,
+                    capacities: Sequence[float] | None = None) -> FlopsBreakdown:
     """FLOPs per token of one training step (forward + backward). `backprop_loops` 0 = all; `vocab_size` is used
     when model.vocab_size is 0; `loss_on` (loop.loss_on) counts the loss-feeding loops as the model does;
-    without it `loss_loops` is their count (1 for loss_on: last; at most the backpropagated loops)."""
+    without it `loss_loops` is their count (1 for loss_on: last; at most the backpropagated loops). `capacities`:
+    the active share of each loop under `model.router` (see the module docstring; `core_forward` stays one full
+    loop)."""
     vocab = model_cfg.vocab_size or vocab_size
     if vocab <= 0:
         raise ValueError("vocabulary size unknown: set model.vocab_size or pass vocab_size")
@@ -90,20 +104,50 @@ def flops_per_token(model_cfg: ModelConfig, seq_len: int, loops: int, backprop_l
     forward_only = (loops - k) * core
     backprop = 3 * (prelude + k * core + n_loss * head)
     heads_recomputed = n_loss * head if n_loss > 1 else 0.0
+    coda = heads_recomputed if n_loss > 1 else n_loss * model_cfg.n_coda * layer  # what "layer" re-runs of the heads
     if activation_checkpointing == "loop":
         recompute = k * core + heads_recomputed
     elif activation_checkpointing == "layer":
-        coda = heads_recomputed if n_loss > 1 else n_loss * model_cfg.n_coda * layer
         recompute = prelude + k * (model_cfg.n_core * layer + lora) + coda
     elif activation_checkpointing == "none":
         recompute = 0.0
     else:
         raise ValueError(f"activation_checkpointing must be none, loop or layer, not {activation_checkpointing!r}")
+    if capacities is None and model_cfg.router == "expert_choice":  # training's top-k: k_r = max(1, int(c_r T))
+        capacities = [max(1, int(c * seq_len)) / seq_len for c in router_capacities(model_cfg, loops)]
+    if capacities is not None or model_cfg.router != "none":  # routing: each loop costs its active share
+        forward_only, backprop, recompute = _routed(
+            model_cfg, loops, k, capacities, activation_checkpointing, n_core_layer=model_cfg.n_core * (proj + mlp),
+            attn=attn, inject=inject, lora=lora, prelude=prelude, heads=n_loss * head,
+            recompute_heads={"loop": heads_recomputed, "layer": coda}.get(activation_checkpointing, 0.0))
     model_flops = forward_only + backprop
     return FlopsBreakdown(seq_len=seq_len, loops=loops, backprop_loops=k, loss_loops=n_loss, attention=attention,
                           layer_forward=layer, attention_forward=attn, core_forward=core, prelude_forward=prelude,
                           head_forward=head, forward_only=forward_only, backprop=backprop, recompute=recompute,
                           model_flops=model_flops, hardware_flops=model_flops + recompute)
+
+
+def _routed(cfg: ModelConfig, loops: int, k: int, capacities: Sequence[float] | None, ckpt: str, *,
+            n_core_layer: float, attn: float, inject: float, lora: float, prelude: float, heads: float,
+            recompute_heads: float) -> tuple[float, float, float]:
+    """(forward-only, backprop, recompute) FLOPs per token with loop r at active share f_r (routing); `heads`: the
+    loss heads' forward, `recompute_heads`: what the checkpointing mode re-runs of them."""
+    caps = list(capacities) if capacities else [1.0]
+    shares = [caps[min(r, len(caps) - 1)] for r in range(loops)]
+    d = cfg.d_model
+    per_loop_router = 2 * d if cfg.router == "expert_choice" else 0.0
+    once_router = 2 * d * cfg.loops if cfg.router == "token_choice" else 0.0
+    layers = [f * (n_core_layer + lora) + f * f * cfg.n_core * attn for f in shares]  # what "layer" re-runs
+    core = [x + f * inject for x, f in zip(layers, shares, strict=True)]
+    forward_only = sum(c + per_loop_router for c in core[:loops - k])
+    backprop = 3 * (prelude + once_router + sum(c + per_loop_router for c in core[loops - k:]) + heads)
+    if ckpt == "loop":
+        recompute = sum(core[loops - k:]) + recompute_heads
+    elif ckpt == "layer":
+        recompute = prelude + sum(layers[loops - k:]) + recompute_heads
+    else:
+        recompute = 0.0
+    return forward_only, backprop, recompute
 
 
 def per_sequence_flops(model_cfg: ModelConfig, seq_len: int, depths, backprop_loops: int = 0,

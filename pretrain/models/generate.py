@@ -41,6 +41,12 @@ class LayerKV:
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c, start = self.cache, self.cache.pos
+        if c.scatter is not None:  # routing: k, v are gathered tokens [B, H, m, hd] at positions [B, m] of the chunk
+            at, end = c.scatter
+            idx = at[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+            c.k[self.slot][:, :, :end].scatter_(2, idx, k)
+            c.v[self.slot][:, :, :end].scatter_(2, idx, v)
+            return c.k[self.slot][:, :, :end], c.v[self.slot][:, :, :end]
         end = start + k.shape[2]
         if end > c.max_len:
             raise ValueError(f"KV cache full: {end} positions > max_len {c.max_len}")
@@ -54,6 +60,11 @@ class KVCache:
 
     def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor], loops: int, max_len: int):
         self.k, self.v, self.loops, self.max_len, self.pos = k, v, loops, max_len, 0
+        # Mixture-of-Recursions (routing.py): loop t -> [batch, max_len] bool, the positions active at loop t (their
+        # K/V in loop t's slots are attended; the others are masked out)
+        self.active: dict[int, torch.Tensor] = {}
+        # set while a routed loop runs on gathered tokens: (their absolute positions [batch, m], end of the chunk)
+        self.scatter: tuple[torch.Tensor, int] | None = None
 
     @classmethod
     def allocate(cls, model, batch: int, max_len: int, loops: int | None = None) -> KVCache:

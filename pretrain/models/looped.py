@@ -89,6 +89,7 @@ from pretrain.models.layers import (
 )
 from pretrain.models.lora import build_loop_lora
 from pretrain.models.recurrence import Recurrence, build_recurrence
+from pretrain.models.routing import build_router, routed_forward
 
 
 @dataclass
@@ -201,6 +202,10 @@ class LoopedLM(nn.Module):
         # the loss computes the logits of at most this many tokens at a time (0 = all at once): set from outside
         # by the trainer (train.loss_chunk_tokens), like compilation; the same loss to fp32 rounding
         self.loss_chunk = 0
+        # Mixture-of-Recursions routers (routing.py), created after everything else so that without them (router
+        # none) and with them every other initial weight is the same
+        cfg.check_router(loop_cfg)
+        self.router = build_router(cfg, dtype)
 
     @property
     def recurrence(self) -> Recurrence:
@@ -214,6 +219,14 @@ class LoopedLM(nn.Module):
                 cache: KVCache | None = None, depths: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, exit_per_token: bool = False,
                 exit_threshold: float | None = None) -> LoopedOutput:
+        if self.router is not None:  # Mixture-of-Recursions: the router decides each token's depth (routing.py)
+            if exit_threshold is not None:
+                raise ValueError("exit_threshold is the learned exit gate's rule: not with model.router (the router "
+                                 "decides each token's depth)")
+            return routed_forward(self, tokens, labels, loops=loops, backprop_loops=backprop_loops,
+                                  diagnostics=diagnostics, doc_ids=doc_ids, exit_epsilon=exit_epsilon, loss_on=loss_on,
+                                  return_logits=return_logits, cache=cache, depths=depths,
+                                  attention_mask=attention_mask, exit_per_token=exit_per_token)
         n = loops or self.cfg.loops
         if exit_threshold is not None:  # the learned gate's rule: always per token
             if self.exit_gate is None:

@@ -173,3 +173,21 @@ def test_stopped_tokens_skip_their_loops_and_offer_their_exit_loop_keys(tp1):
                 at, exit_at = t * 2 + i, (stop - 1) * 2 + i  # slots: no prelude, 2 core layers
                 assert torch.equal(cache.k[at][0, :, pos], cache.k[exit_at][0, :, pos])
                 assert torch.equal(cache.v[at][0, :, pos], cache.v[exit_at][0, :, pos])
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["loop.exit_gate_only=true"], "needs model.exit_gate"),
+    (["model.exit_gate=true", "loop.per_sequence=true"], "loop.per_sequence"),
+    (["model.router=expert_choice", "model.exit_gate=true"], "both decide each token's depth"),
+])
+def test_adaptive_keys_are_checked_on_the_resolved_config(flags, needle):
+    from pathlib import Path
+
+    from loopstack.errors import ConfigError
+    from pretrain.config import load_config
+
+    smoke = Path(__file__).resolve().parents[2] / "configs" / "smoke-cpu.yaml"
+    with pytest.raises(ConfigError, match=needle):
+        load_config(smoke, flags)
+    with pytest.raises(ConfigError, match=needle):  # the order of --set flags does not matter
+        load_config(smoke, flags[::-1])

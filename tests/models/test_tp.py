@@ -19,6 +19,9 @@ CASES = [(v, {}, {}, "none") for v in VARIANTS] + [
     # the learned exit gate's objective (every loop's loss head, checkpointed) and its replicated gate; the chunked
     # loss (7 tokens at a time: chunks that do not divide the batch)
     ("lt_i", dict(exit_gate=True, loss_chunk=7), dict(backprop_loops=2), "loop"),
+    # Mixture-of-Recursions routing (routers replicated, fp32, the same top-k on every rank; gathered tokens)
+    ("flt", dict(router="expert_choice", n_prelude=1, n_coda=1), {}, "loop"),
+    ("recall", dict(router="token_choice", n_heads=4, n_kv_heads=2), dict(backprop_loops=2), "none"),
 ]
 
 
@@ -52,7 +55,7 @@ def _run_case(case):
     result = dict(loss=out.loss.item(), init=init, logits=gather_vocab(out.logits.detach()).numpy(),
                   grads={n: _gather_like(p, p.grad) for n, p in model.named_parameters()},
                   state_norm=out.diagnostics.state_norm, grad_norm=out.diagnostics.grad_norm)
-    if variant == "flt" and not mkw:
+    if variant == "flt" and (not mkw or "router" in mkw):  # routed: the recursion-wise KV cache under TP
         result["generated"] = model.generate(tokens[:, :5], 4).tolist()
     return result
 
