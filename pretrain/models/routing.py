@@ -291,7 +291,8 @@ def routed_forward(model, tokens: torch.Tensor, labels: torch.Tensor | None = No
                    cache=None, depths: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                    exit_per_token: bool = False):
     """`LoopedLM.forward` with a router (see the module docstring): the same contract, loss on the last loop, the
-    router losses added in training mode and reported in `stats`."""
+    router losses added in training mode and reported in `stats`; `exit_loops` [B, T] = the loops each token ran
+    (what generation reports per new token)."""
     from pretrain.models.diagnostics import Recorder
     from pretrain.models.looped import LoopedOutput
 
@@ -314,9 +315,11 @@ def routed_forward(model, tokens: torch.Tensor, labels: torch.Tensor | None = No
     recorder = Recorder(n) if diagnostics else None
     grad_on = torch.is_grad_enabled()
     cand = torch.ones(tokens.shape, dtype=torch.bool, device=tokens.device)
+    ran = torch.zeros(tokens.shape, dtype=torch.long, device=tokens.device)  # loops each token ran
     for t in range(n):
         with torch.set_grad_enabled(grad_on and t >= n - k):
             h_next, cand = run.run_loop(t, ctx, h, e, cand)
+        ran += cand
         if recorder is not None:
             recorder.record(t, h, h_next, h_next)
         h = h_next
@@ -327,4 +330,5 @@ def routed_forward(model, tokens: torch.Tensor, labels: torch.Tensor | None = No
         cache.advance(tokens.shape[1])
     loss = None if lm is None else (lm + extra if model.training else lm)
     return LoopedOutput(loss=loss, logits=logits,
-                        diagnostics=recorder.finish(model.injection.diagnostics()) if recorder else None, stats=stats)
+                        diagnostics=recorder.finish(model.injection.diagnostics()) if recorder else None, stats=stats,
+                        exit_loops=ran)

@@ -170,6 +170,8 @@ def test_cached_generation_equals_uncached(tp1, variant, router):
     cached = generate_batch(model, prompts, 4)
     uncached = generate_batch(model, prompts, 4, use_cache=False)
     assert cached.tokens == uncached.tokens
+    assert cached.loops_used == uncached.loops_used  # the loops each new token ran (LoopedOutput.exit_loops)
+    assert all(1 <= x <= model.cfg.loops for row in cached.loops_used for x in row)
 
 
 def test_flops_fall_with_capacity_and_match_counted_matmuls(tp1):
