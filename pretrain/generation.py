@@ -5,6 +5,8 @@ object per line with a `prompt` field, so prompts may hold newlines). They run i
 left-padded and masked (`pretrain.models.generate.generate_batch`), with the KV cache unless `--no-cache`. Each
 completion is printed after its prompt (or, with `--json`, one JSON record per prompt with the text, the token
 ids, and the loops each new token used); a summary line on stderr gives tokens/s and the mean loops per token.
+`--kv-sharing` (Mixture-of-Recursions models only) generates with recursive KV sharing (pretrain/models/routing.py):
+later loops attend to the first loop's keys/values.
 Batch k (0-based, of size B) samples with seed `--seed` + k * B, so a prompt's draw does not depend on the others
 in its batch only through their count.
 """
@@ -64,6 +66,20 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError("--exit-epsilon and --exit-threshold: one exit rule at a time")
 
 
+def check_kv_sharing_flag(model_cfg, loops: int) -> None:
+    """`--kv-sharing` needs a Mixture-of-Recursions model (model.router) whose every token runs the first loop
+    (expert choice: model.router_capacity[0] = 1); a one-line UserError otherwise."""
+    from pretrain.models.routing import check_kv_sharing
+
+    if model_cfg.router == "none":
+        raise UserError("--kv-sharing: recursive KV sharing is for Mixture-of-Recursions models, and this run has "
+                        "no router (model.router: none)")
+    try:
+        check_kv_sharing(model_cfg, loops)
+    except ValueError as err:
+        raise UserError(f"--kv-sharing: {err}") from None
+
+
 def run_generate(args: argparse.Namespace) -> int:
     from pretrain.inference import load_run
     from pretrain.models.generate import check_positions, generate_batch
@@ -76,6 +92,8 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.exit_threshold is not None and not loaded.cfg.model.exit_gate:
         raise UserError(f"--exit-threshold: {loaded.run_dir} was trained without the learned exit gate "
                         "(model.exit_gate); --exit-epsilon exits by convergence instead")
+    if args.kv_sharing:
+        check_kv_sharing_flag(loaded.cfg.model, loops)
     print(f"generate: {loaded.info.path} (step {loaded.step}, {loaded.cfg.model.variant}, {loops} loops, "
           f"{next(model.parameters()).dtype}), {len(texts)} prompt(s)", file=sys.stderr)
     encoded = [tok.encode(t) for t in texts]  # once: checked here, then batched
@@ -94,7 +112,7 @@ def run_generate(args: argparse.Namespace) -> int:
         result = generate_batch(model, ids, args.max_new_tokens, loops=loops, temperature=args.temperature,
                                 top_k=args.top_k, top_p=args.top_p, seed=args.seed + first, eos_id=eos, pad_id=pad,
                                 use_cache=not args.no_cache, exit_epsilon=args.exit_epsilon,
-                                exit_threshold=args.exit_threshold)
+                                exit_threshold=args.exit_threshold, kv_sharing=args.kv_sharing)
         for i, text in enumerate(batch):
             new, used = result.tokens[i], result.loops_used[i]
             completion = tok.decode(new)

@@ -46,6 +46,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--exit-threshold", type=float, default=None,
                      help="models with a learned exit gate (model.exit_gate): per token, stop looping once the "
                           "cumulative exit probability reaches this (0 < q <= 1; 1 = every loop)")
+    gen.add_argument("--kv-sharing", action="store_true",
+                     help="Mixture-of-Recursions models (model.router): recursive KV sharing, every later loop "
+                          "attends to the first loop's keys/values (1/N of the core's cache memory; a different "
+                          "model semantics than the default recursion-wise cache)")
     gen.add_argument("--batch-size", type=int, default=16, help="prompts per batch")
     gen.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step")
     gen.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="default: the run's")

@@ -9,7 +9,9 @@ fits the same scheme: its queries come from the new token's own previous-loop st
 step) and its keys/values from the current stream, which is what each slot caches. The cost is memory linear in
 the loop count (T * n_core slots). The alternatives are not offered: caching only the last loop means recomputing
 the earlier loops over the whole prefix every step (exact, but the cost of an uncached forward), and sharing one
-loop's cache across loops (Huginn-style) is approximate unless the recurrence has converged. A cache is tied to
+loop's cache across loops (Huginn-style) is approximate unless the recurrence has converged (Mixture-of-Recursions
+models offer it as a model semantics of its own, recursive KV sharing: `kv_sharing`, routing.py, exact with the
+cache because the uncached forward shares the same way). A cache is tied to
 the loop count it was allocated for. Per-token early exit is exact with it: a stopped token offers later loops its
 exit loop's keys/values (`ExitKV`, the same with and without the cache), so a step whose tokens have all stopped
 skips the remaining loops and copies those slots; per-sequence early exit is not combined with caching.
@@ -56,10 +58,16 @@ class LayerKV:
 
 
 class KVCache:
-    """Preallocated K/V buffers, one per (loop, layer) slot; `pos` = tokens already cached."""
+    """Preallocated K/V buffers, one per (loop, layer) slot; `pos` = tokens already cached. Under recursive KV
+    sharing (Mixture-of-Recursions, routing.py) the core slots of loops >= 1 are None: never allocated, never
+    written."""
 
-    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor], loops: int, max_len: int):
+    def __init__(self, k: list[torch.Tensor | None], v: list[torch.Tensor | None], loops: int, max_len: int,
+                 kv_sharing: bool | None = None):
         self.k, self.v, self.loops, self.max_len, self.pos = k, v, loops, max_len, 0
+        # Mixture-of-Recursions: whether the cache holds shared K/V (loop 0's, reused by later loops) or
+        # recursion-wise K/V; None until the first routed forward fixes it (a cache serves one of the two)
+        self.kv_sharing = kv_sharing
         # Mixture-of-Recursions (routing.py): loop t -> [batch, max_len] bool, the positions active at loop t (their
         # K/V in loop t's slots are attended; the others are masked out)
         self.active: dict[int, torch.Tensor] = {}
@@ -67,15 +75,25 @@ class KVCache:
         self.scatter: tuple[torch.Tensor, int] | None = None
 
     @classmethod
-    def allocate(cls, model, batch: int, max_len: int, loops: int | None = None) -> KVCache:
+    def allocate(cls, model, batch: int, max_len: int, loops: int | None = None,
+                 kv_sharing: bool = False) -> KVCache:
+        """Zeroed slots for `loops` loops (default model.loops). kv_sharing (routed models): only loop 0's core
+        slots are allocated, so the core's cache memory is 1/loops of the recursion-wise cache's."""
         loops = loops or model.cfg.loops
         attn = model.core[0].attn
-        n_slots = len(model.prelude) + loops * len(model.core) + len(model.coda)
+        n_pre, n_core = len(model.prelude), len(model.core)
+        n_slots = n_pre + loops * n_core + len(model.coda)
         ref = model.embed.weight
         shape = (batch, attn.n_local_kv, max_len, attn.head_dim)
-        k = [torch.zeros(shape, dtype=ref.dtype, device=ref.device) for _ in range(n_slots)]
-        v = [torch.zeros(shape, dtype=ref.dtype, device=ref.device) for _ in range(n_slots)]
-        return cls(k, v, loops, max_len)
+
+        def buffer(slot: int) -> torch.Tensor | None:
+            if kv_sharing and n_pre + n_core <= slot < n_pre + loops * n_core:
+                return None
+            return torch.zeros(shape, dtype=ref.dtype, device=ref.device)
+
+        k = [buffer(s) for s in range(n_slots)]
+        v = [buffer(s) for s in range(n_slots)]
+        return cls(k, v, loops, max_len, kv_sharing=True if kv_sharing else None)
 
     def layer(self, slot: int) -> LayerKV:
         return LayerKV(self, slot)
@@ -199,7 +217,7 @@ def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, *, loop
                    temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                    eos_id: int | None = None, pad_id: int = 0, use_cache: bool = True,
                    exit_epsilon: float | None = None, exit_threshold: float | None = None,
-                   stop: Callable[[int, list[int]], bool] | None = None) -> Generation:
+                   stop: Callable[[int, list[int]], bool] | None = None, kv_sharing: bool = False) -> Generation:
     """Continue prompts of any lengths in one batch: left-padded with `pad_id` and masked (the model's `attention_mask`:
     positions, rotary or learned, count real tokens, padding is never attended), so each row generates what it would
     alone (learned positions: at most model.max_positions positions, a ValueError first). Greedy at temperature 0, else
@@ -207,7 +225,9 @@ def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, *, loop
     or once `stop(row, its new tokens)` is true (e.g. a stop string decoded; the tokens are kept); the batch stops when
     every row has. `exit_epsilon`: per-token early exit by convergence (`LoopedLM.forward(exit_per_token=True)`);
     `exit_threshold`: per-token exit by the learned exit gate (models with model.exit_gate; see exit_gate.py). Both are
-    exact with the cache (`ExitKV`), and a decode step whose tokens have all stopped skips its remaining loops."""
+    exact with the cache (`ExitKV`), and a decode step whose tokens have all stopped skips its remaining loops.
+    `kv_sharing` (models with model.router): recursive KV sharing, later loops attend to loop 0's keys/values
+    (routing.py); the cache then holds loop 0's core slots only, and cached equals uncached as without it."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     loops = loops or model.cfg.loops
@@ -224,7 +244,7 @@ def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, *, loop
     model.eval()  # eval mode: a random initial state is a fixed function of position, so the cache stays exact
     try:
         gen = torch.Generator(device=device).manual_seed(seed)
-        cache = KVCache.allocate(model, B, longest + max_new_tokens, loops) if use_cache else None
+        cache = KVCache.allocate(model, B, longest + max_new_tokens, loops, kv_sharing) if use_cache else None
         out_tokens: list[list[int]] = [[] for _ in range(B)]
         used: list[list[int]] = [[] for _ in range(B)]
         finished = [False] * B
@@ -233,7 +253,8 @@ def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, *, loop
         for _ in range(max_new_tokens):
             out = model(chunk if use_cache else seq, loops=loops, cache=cache,
                         attention_mask=mask if padded else None, exit_epsilon=exit_epsilon,
-                        exit_per_token=exit_epsilon is not None, exit_threshold=exit_threshold)
+                        exit_per_token=exit_epsilon is not None, exit_threshold=exit_threshold,
+                        kv_sharing=kv_sharing)
             logits = gather_vocab(out.logits[:, -1])[:, :model.vocab_size].float()
             nxt = sample_next(logits, temperature, top_k, top_p, gen)
             depth = out.exit_loops[:, -1].tolist() if out.exit_loops is not None else [loops] * B

@@ -46,6 +46,8 @@ diagnostics (`Recorder.observe`) watch it; early exit (`_run_with_exit`) and the
   (inference): a token stops once its cumulative exit probability reaches q (per token, like exit_per_token; q = 1
   is the fixed-depth forward bit for bit); `exit_loops` [B, T] says where.
 - cache (inference): a `generate.KVCache`; `tokens` are then the next chunk after the cached positions.
+- kv_sharing (models with model.router only): recursive KV sharing, loops >= 1 attend to loop 0's keys/values
+  (routing.py), cached or not.
 - attention_mask (inference, batched prompts of different lengths): [B, cached + T], 1 for a real token, 0 for
   (left) padding. Positions (rotary, or the rows of a learned position embedding) count real tokens only
   (position = number of real tokens before), padded keys are masked, and a padding query attends to itself only
@@ -65,6 +67,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 import torch
 from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding, vocab_parallel_cross_entropy
@@ -113,7 +116,9 @@ class _Context:
     mask: torch.Tensor | None
     cache: KVCache | None
     loops: int
-    exit_kv: ExitKV | None = None  # per-token early exit: stopped tokens' keys/values (generate.ExitKV)
+    # the core layers' K/V hook `layer(t, i)`: per-token early exit's stopped tokens' keys/values (generate.ExitKV),
+    # or Mixture-of-Recursions KV sharing's loop-0 keys/values (routing._SharedKV)
+    core_kv: ExitKV | Any = None  # anything with layer(t, i) -> a LayerKV-like `update(k, v)`
 
 
 @dataclass
@@ -218,7 +223,10 @@ class LoopedLM(nn.Module):
                 exit_epsilon: float | None = None, loss_on: str | None = None, return_logits: bool = False,
                 cache: KVCache | None = None, depths: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, exit_per_token: bool = False,
-                exit_threshold: float | None = None) -> LoopedOutput:
+                exit_threshold: float | None = None, kv_sharing: bool = False) -> LoopedOutput:
+        if kv_sharing and self.router is None:
+            raise ValueError("kv_sharing (recursive KV sharing) is a Mixture-of-Recursions semantics: it needs "
+                             "model.router")
         if self.router is not None:  # Mixture-of-Recursions: the router decides each token's depth (routing.py)
             if exit_threshold is not None:
                 raise ValueError("exit_threshold is the learned exit gate's rule: not with model.router (the router "
@@ -226,7 +234,8 @@ class LoopedLM(nn.Module):
             return routed_forward(self, tokens, labels, loops=loops, backprop_loops=backprop_loops,
                                   diagnostics=diagnostics, doc_ids=doc_ids, exit_epsilon=exit_epsilon, loss_on=loss_on,
                                   return_logits=return_logits, cache=cache, depths=depths,
-                                  attention_mask=attention_mask, exit_per_token=exit_per_token)
+                                  attention_mask=attention_mask, exit_per_token=exit_per_token,
+                                  kv_sharing=kv_sharing)
         n = loops or self.cfg.loops
         if exit_threshold is not None:  # the learned gate's rule: always per token
             if self.exit_gate is None:
@@ -267,7 +276,7 @@ class LoopedLM(nn.Module):
                 early_exit = EarlyExit(exit_epsilon, B, n, tokens.device, per_token=exit_per_token, length=T,
                                        valid=valid)
             if exit_per_token:  # a stopped token's later-loop keys/values: its exit loop's
-                ctx.exit_kv = ExitKV(cache, len(self.prelude), len(self.core))
+                ctx.core_kv = ExitKV(cache, len(self.prelude), len(self.core))
             h = self._run_with_exit(steps, early_exit, h, ctx, n, T)
             if labels is not None:
                 losses.append(self._loss_head(h, labels, ctx, checkpointed=False))
@@ -341,10 +350,10 @@ class LoopedLM(nn.Module):
             step.state = h = early_exit.step(step.t, step.prev, step.state)
             if early_exit.all_done():
                 if ctx.cache is not None and step.t + 1 < n:
-                    ctx.exit_kv.fill_skipped(step.t + 1, n, length)
+                    ctx.core_kv.fill_skipped(step.t + 1, n, length)
                 break
-            if ctx.exit_kv is not None:  # before the next loop runs: who offers it their exit loop's keys/values
-                ctx.exit_kv.frozen = early_exit.exited()
+            if ctx.core_kv is not None:  # before the next loop runs: who offers it their exit loop's keys/values
+                ctx.core_kv.frozen = early_exit.exited()
         return h
 
     def _loop(self, t: int, h: torch.Tensor | None, e: torch.Tensor, ctx: _Context):
@@ -363,7 +372,7 @@ class LoopedLM(nn.Module):
         """Core layer i in loop t: its KV-cache slot and this loop's LoRA adapters."""
         slot = len(self.prelude) + t * len(self.core) + i
         lora = self.loop_lora[i].at(t) if self.loop_lora is not None else None
-        kv = ctx.exit_kv.layer(t, i) if ctx.exit_kv is not None else None
+        kv = ctx.core_kv.layer(t, i) if ctx.core_kv is not None else None
         return self._layer(self.core[i], x, ctx, slot, lora=lora, kv=kv, **kw)
 
     def _layer(self, layer: Layer, x: torch.Tensor, ctx: _Context, slot: int, checkpointed: bool = True, kv=None,

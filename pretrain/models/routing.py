@@ -43,8 +43,25 @@ per row, padded), and the layers write their K/V at those tokens' positions of l
 `KVCache.active[t]` ([B, max_len] bool) records which positions were active at loop t and attention masks the
 others out, so a token's K/V at loop t is written and attended only if it was active there: exactly the uncached
 inference forward. (A padding slot of a gathered row writes at an inactive position, which nothing attends.) With
-`dense` the chunk is computed whole and the inactive tokens masked. Recursive KV sharing is not implemented.
+`dense` the chunk is computed whole and the inactive tokens masked.
 Per-sequence depth and early exit are refused (the router decides depth).
+
+Recursive KV sharing (MoR §2.2.2, `forward(..., kv_sharing=True)`): every token runs loop 0 (token choice's depth
+is >= 1; expert choice needs router_capacity[0] = 1, else a ValueError), and the keys/values of loop 0 at core
+layer i are reused by every later loop: at loop t >= 1, layer i, the active tokens' queries attend to the loop-0
+K/V of all tokens at positions <= their own (causal, within a document under doc_ids, padding masked); the K/V
+that loop t computes are discarded. Queries shrink with the routing, keys/values stay full length. It is another
+model, not an approximation of recursion-wise caching, so it is defined for the uncached forward too (training
+included: gradients reach loop 0 through the shared K/V), and cached == uncached holds for it. The keys/values
+reach the layers through `_SharedKV`, the core layers' K/V hook (`_Context.core_kv`, which the routed forward
+does not otherwise use: early exit is refused with a router): uncached it keeps loop 0's K/V in memory for the
+forward; with a cache it reads loop 0's slots, so the slots of loops >= 1 are never written
+(`KVCache.allocate(kv_sharing=True)` does not even allocate them: 1/N of the core's cache memory). A cache serves
+one mode (`KVCache.kv_sharing`, fixed at allocation or by its first forward). Why a forward argument and not a
+model attribute (like `loss_chunk`): it is a per-call choice of semantics like `loops`, the cached and uncached
+calls of `generate_batch` pass the same value, and no state is left on the model to leak into a later forward
+(an evaluation after a generation). The K/V projections of loop t >= 1 are still computed (the layer computes
+them with the queries) and dropped; the memory is saved, not those FLOPs.
 
 Tensor parallelism: the routers are replicated (role injection), read the replicated residual stream and compute in
 fp32, so every rank takes the same top-k without communication.
@@ -138,6 +155,61 @@ def _gathered_context(ctx, idx: torch.Tensor, valid: torch.Tensor | None):
     return dataclasses.replace(ctx, rope=rope, positions=pos.gather(1, idx), mask=mask, cache=None)
 
 
+class _SharedKV:
+    """Recursive KV sharing: the core layers' K/V hook (`layer(t, i)`, the interface of `generate.ExitKV`). Loop 0
+    stores (uncached) or writes to its cache slot (cached) the K/V of every token; a later loop's layer gets loop
+    0's K/V of all positions up to the chunk's end in place of its own, which are dropped."""
+
+    def __init__(self, cache, n_prelude: int, n_core: int):
+        self.cache, self.n_prelude, self.n_core = cache, n_prelude, n_core
+        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # uncached: loop 0's K/V of core layer i
+        self.length = 0  # tokens of the current chunk
+
+    def layer(self, t: int, i: int) -> _SharedLayerKV:
+        return _SharedLayerKV(self, t, i)
+
+
+class _SharedLayerKV:
+    """The `kv_cache` of core layer i in loop t under `_SharedKV` (the interface of `generate.LayerKV`)."""
+
+    def __init__(self, owner: _SharedKV, t: int, i: int):
+        self.owner, self.t, self.i = owner, t, i
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        o, c = self.owner, self.owner.cache
+        slot = o.n_prelude + self.i  # loop 0's slot of core layer i
+        if self.t == 0:  # every token of the chunk, in order (loop 0 runs them all)
+            if c is not None:
+                return c.layer(slot).update(k, v)
+            o.kv[self.i] = (k, v)
+            return k, v
+        if c is None:
+            return o.kv[self.i]
+        end = c.pos + o.length
+        return c.k[slot][:, :, :end], c.v[slot][:, :, :end]
+
+
+def _shared_context(ctx, idx: torch.Tensor):
+    """The context of gathered tokens idx [B, m] at a loop t >= 1 under KV sharing: rotary at their positions, the
+    keys are loop 0's of every position (cached ones included) up to their own (and ctx.mask's rows: documents,
+    padding), each query attending at least to itself."""
+    B, m = idx.shape
+    start = ctx.cache.pos if ctx.cache is not None else 0
+    q_at = (idx + start)[:, None, :, None]  # [B, 1, m, 1]
+    k_at = torch.arange(start + ctx.positions.shape[-1], device=idx.device)
+    base = k_at <= q_at if ctx.mask is None else _take(ctx.mask[:, 0].expand(B, -1, -1), idx)[:, None]
+    gathered = _gathered_context(dataclasses.replace(ctx, mask=None, cache=None), idx, None)
+    return dataclasses.replace(gathered, mask=base | (k_at == q_at), cache=ctx.cache)
+
+
+def check_kv_sharing(cfg: ModelConfig, loops: int) -> None:
+    """A ValueError unless every token runs loop 0, which recursive KV sharing needs: expert choice with
+    router_capacity[0] < 1 leaves some tokens out of loop 0 (they would have no K/V to share)."""
+    if cfg.router == "expert_choice" and router_capacities(cfg, loops)[0] < 1.0:
+        raise ValueError(f"KV sharing reuses loop 0's K/V, so every token must run loop 0: model.router_capacity[0] = "
+                         f"{router_capacities(cfg, loops)[0]} < 1")
+
+
 def _record(cache, active: torch.Tensor, t: int) -> torch.Tensor:
     """Record the chunk's tokens active at loop t in `cache.active[t]`; the keys a query at loop t may see
     [B, cached + T] (the positions active at t)."""
@@ -175,8 +247,8 @@ def _cached_context(ctx, idx: torch.Tensor, valid: torch.Tensor, keys: torch.Ten
 class _Routing:
     """One routed forward: selections, per-loop compute (gathered or dense), losses and stats."""
 
-    def __init__(self, model, n: int, training: bool):
-        self.model, self.router, self.n = model, model.router, n
+    def __init__(self, model, n: int, training: bool, kv_sharing: bool = False):
+        self.model, self.router, self.n, self.sharing = model, model.router, n, kv_sharing
         self.kind = self.router.kind
         self.alpha, self.aux_coeff, self.z_coeff = router_settings(model.cfg)
         self.topk = training  # expert choice's top-k rule (training, uncached); else the inference rule
@@ -234,16 +306,27 @@ class _Routing:
         """Loop t on the active tokens; returns the whole new state."""
         old = e if h is None else h
         layer = self.model._core_layer
+        shared = self.sharing and t > 0  # KV sharing: loop 0's K/V in place of this loop's (nothing written)
         if self.router.dense:
-            f, _ = self.model.injection.loop(h, e, partial(layer, t, _dense_context(ctx, active, t)))
+            if shared:  # every query computed, the keys loop 0's (ctx.mask: causal, documents, padding)
+                if ctx.cache is not None:
+                    _record(ctx.cache, active, t)
+                ctx_d = ctx
+            else:
+                ctx_d = _dense_context(ctx, active, t)
+            f, _ = self.model.injection.loop(h, e, partial(layer, t, ctx_d))
             return torch.where(active[..., None], self.update(h, e, f, gate, last), old)
         valid = None
         if idx is None:
             idx, valid = _compact(active)
         take = partial(_take, idx=idx)
         h_a, e_a = (None if h is None else take(h)), take(e)
-        cache = ctx.cache
-        if cache is not None:  # inference: the layers write the K/V of the gathered tokens at their positions
+        cache = None if shared else ctx.cache  # the cache the layers write to (KV sharing: none after loop 0)
+        if shared:
+            if ctx.cache is not None:
+                _record(ctx.cache, active, t)  # who ran loop t (its K/V slots stay unwritten)
+            ctx_a = _shared_context(ctx, idx)
+        elif cache is not None:  # inference: the layers write the K/V of the gathered tokens at their positions
             ctx_a = _cached_context(ctx, idx, valid, _record(cache, active, t))
             cache.scatter = (idx + cache.pos, cache.pos + active.shape[1])
         else:
@@ -289,10 +372,11 @@ def routed_forward(model, tokens: torch.Tensor, labels: torch.Tensor | None = No
                    backprop_loops: int | None = None, diagnostics: bool = False, doc_ids: torch.Tensor | None = None,
                    exit_epsilon: float | None = None, loss_on: str | None = None, return_logits: bool = False,
                    cache=None, depths: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                   exit_per_token: bool = False):
+                   exit_per_token: bool = False, kv_sharing: bool = False):
     """`LoopedLM.forward` with a router (see the module docstring): the same contract, loss on the last loop, the
     router losses added in training mode and reported in `stats`; `exit_loops` [B, T] = the loops each token ran
-    (what generation reports per new token)."""
+    (what generation reports per new token). kv_sharing: recursive KV sharing (loops >= 1 attend to loop 0's K/V)
+    instead of recursion-wise K/V, cached or not."""
     from pretrain.models.diagnostics import Recorder
     from pretrain.models.looped import LoopedOutput
 
@@ -306,10 +390,21 @@ def routed_forward(model, tokens: torch.Tensor, labels: torch.Tensor | None = No
     if cache is not None and (cache.loops != n or doc_ids is not None):
         raise ValueError(f"a KV cache allocated for {cache.loops} loops serves exactly that loop count, without "
                          "document masks")
+    if kv_sharing:
+        check_kv_sharing(model.cfg, n)
+    if cache is not None:  # one cache, one K/V semantics
+        if cache.kv_sharing is None:
+            cache.kv_sharing = kv_sharing
+        elif cache.kv_sharing != kv_sharing:
+            raise ValueError(f"this KV cache holds {'shared' if cache.kv_sharing else 'recursion-wise'} K/V "
+                             f"(kv_sharing={cache.kv_sharing}): a forward with kv_sharing={kv_sharing} cannot use it")
     ctx = model._context(tokens, doc_ids, cache, n, attention_mask)
+    if kv_sharing:
+        ctx.core_kv = _SharedKV(cache, len(model.prelude), len(model.core))
+        ctx.core_kv.length = tokens.shape[1]
     e = model.injection.prepare(model._prelude(tokens, ctx))
     h = model.injection.init_state(e, model._initial_noise(e, ctx))
-    run = _Routing(model, n, training=model.training and cache is None)
+    run = _Routing(model, n, training=model.training and cache is None, kv_sharing=kv_sharing)
     if run.kind == "token_choice":
         run.token_choice(e)
     recorder = Recorder(n) if diagnostics else None

@@ -1,7 +1,8 @@
 """Mixture-of-Recursions routing (pretrain/models/routing.py): router none is today's model, the gathered compute
 equals the dense reference (losses and gradients), the router losses are what the paper defines, training lowers
 the loss, cached generation equals uncached, the FLOP count falls with capacity and matches the counted matmuls,
-and bad configs fail in one line."""
+and bad configs fail in one line. Recursive KV sharing (`kv_sharing=True`): off is today's model, cached equals
+uncached, later loops read loop 0's K/V (a direct computation) and never write their own cache slots."""
 
 import pytest
 import torch
@@ -255,3 +256,174 @@ def test_expert_choice_is_hierarchical(tp1):
     assert torch.equal(pick.idx, pick.idx.sort(dim=1).values)
     infer = _Routing(model, 3, training=False).pick(1, None, e, cand)
     assert torch.equal(infer.active, cand & (z >= 0)) and infer.idx is None
+
+
+# --- recursive KV sharing -----------------------------------------------------------------------------------------
+
+def _decisive(variant: str, router: str, **kw):
+    """A tiny routed model in eval mode whose routers are decisive enough that tokens differ in depth."""
+    model = build(tiny(variant, router=router), seed=2, **kw)
+    with torch.no_grad():
+        model.router.weight.normal_(std=0.3)
+    return model.eval()
+
+
+def _core_slots(model, t: int) -> range:
+    first = len(model.prelude) + t * len(model.core)
+    return range(first, first + len(model.core))
+
+
+@pytest.mark.parametrize("variant,router", [("flt", "expert_choice"), ("recall", "token_choice")])
+def test_kv_sharing_cached_equals_uncached(tp1, variant, router):
+    """With kv_sharing the cached prefill + decode logits equal the uncached forward's (gathered and dense), the
+    cache slots of loops >= 1 are never written (they stay zero; `generate_batch` does not even allocate them), greedy
+    generation of batched prompts of different lengths is the same cached and uncached, and the logits differ from
+    recursion-wise caching's (the switch changes the model)."""
+    from pretrain.models.generate import KVCache, generate_batch
+
+    model = _decisive(variant, router)
+    tokens, _ = batch(B=2, T=10, seed=3)
+    full = model(tokens, kv_sharing=True)
+    fracs = [full.stats[f"router/selected_frac_r{r}"].item() for r in range(3)]
+    assert fracs[0] == 1.0 and fracs[2] < 1.0 and fracs[1] > 0.0, fracs  # loops >= 1 run a subset
+    real = full.logits[..., :VOCAB]
+    assert not torch.allclose(real, model(tokens).logits[..., :VOCAB], rtol=0, atol=1e-5)
+    for dense in (False, True):
+        model.router.dense = dense
+        cache = KVCache.allocate(model, batch=2, max_len=10)
+        first = model(tokens[:, :6], cache=cache, kv_sharing=True)
+        rest = [model(tokens[:, i:i + 1], cache=cache, kv_sharing=True).logits for i in range(6, 10)]
+        torch.testing.assert_close(torch.cat([first.logits, *rest], dim=1), full.logits, rtol=1e-5, atol=1e-5)
+        assert all(cache.k[s].abs().sum() > 0 for s in _core_slots(model, 0))
+        assert all(cache.k[s].abs().sum() == 0 and cache.v[s].abs().sum() == 0
+                   for t in (1, 2) for s in _core_slots(model, t))
+    model.router.dense = False
+    prompts = [tokens[0, :3].tolist(), tokens[1, :7].tolist()]
+    cached = generate_batch(model, prompts, 4, kv_sharing=True)
+    uncached = generate_batch(model, prompts, 4, kv_sharing=True, use_cache=False)
+    assert cached.tokens == uncached.tokens and cached.loops_used == uncached.loops_used
+    shared = KVCache.allocate(model, batch=2, max_len=8, kv_sharing=True)  # what generate_batch allocates
+    assert all(shared.k[s] is None for t in (1, 2) for s in _core_slots(model, t))
+    assert all(shared.k[s] is not None for s in _core_slots(model, 0))
+
+
+def test_kv_sharing_reads_loop_zero(tp1):
+    """The kv-sharing forward equals a direct computation (float64): expert choice's inference rule run densely,
+    loop 0's K/V of every core layer kept and handed to that layer in loops 1 and 2 in place of their own (causal
+    over all tokens), inactive tokens keeping their state. With a cache, noise in the slots of loops >= 1 leaves the
+    next token's logits bit for bit as they were, while recursion-wise caching reads them."""
+    from pretrain.models.config import router_settings
+    from pretrain.models.generate import KVCache
+
+    model = _decisive("flt", "expert_choice", dtype=torch.float64)
+    tokens, _ = batch(B=2, T=12, seed=4)
+    out = model(tokens, kv_sharing=True)
+
+    ctx = model._context(tokens, None, None, 3)
+    e = model.injection.prepare(model._prelude(tokens, ctx))
+    h = model.injection.init_state(e, model._initial_noise(e, ctx))  # flt: None
+    alpha, kept = router_settings(model.cfg)[0], {}
+
+    class Loop0KV:  # loop 0 keeps its K/V, later loops get them instead of their own
+        def __init__(self, t, i):
+            self.t, self.i = t, i
+
+        def update(self, k, v):
+            if self.t == 0:
+                kept[self.i] = (k, v)
+            return kept[self.i]
+
+    active = torch.ones(tokens.shape, dtype=torch.bool)
+    with torch.no_grad():
+        for t in range(3):
+            z = model.router(e if h is None else h, t)
+            if t > 0:  # capacities 1, 2/3, 1/3: loop 0 keeps every token, later loops sigmoid(z) >= 0.5
+                active = active & (z >= 0)
+                assert 0 < active.sum() < active.numel()
+            def layer(i, x, query=None, recall=None, t=t):
+                return model.core[i](x, ctx.rope, query=query, recall=recall, kv_cache=Loop0KV(t, i))
+            f, _ = model.injection.loop(h, e, layer)
+            g = (alpha * torch.sigmoid(z))[..., None]
+            new = g * f if h is None else h + g * f
+            h = torch.where(active[..., None], new, e if h is None else h)
+        want = model._logits(h, ctx)[..., :VOCAB]
+    torch.testing.assert_close(out.logits[..., :VOCAB], want, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(model(tokens).logits[..., :VOCAB], want, rtol=0, atol=1e-6)
+
+    def next_logits(sharing: bool, noise_at: int | None) -> torch.Tensor:
+        cache = KVCache.allocate(model, batch=2, max_len=12)
+        model(tokens[:, :11], cache=cache, kv_sharing=sharing)
+        if noise_at is not None:
+            with torch.no_grad():
+                for s in _core_slots(model, noise_at):
+                    cache.k[s][:, :, :11].normal_()
+                    cache.v[s][:, :, :11].normal_()
+        return model(tokens[:, 11:], cache=cache, kv_sharing=sharing).logits[..., :VOCAB]
+
+    clean = next_logits(True, None)
+    torch.testing.assert_close(clean, want[:, 11:], rtol=1e-12, atol=1e-12)
+    assert torch.equal(next_logits(True, 1), clean) and torch.equal(next_logits(True, 2), clean)
+    assert not torch.allclose(next_logits(True, 0), clean)  # loop 0's K/V are read
+    assert not torch.allclose(next_logits(False, 1), next_logits(False, None))  # recursion-wise reads loop 1's
+
+
+def test_kv_sharing_training_and_default(tp1):
+    """Training with kv_sharing (expert choice's top-k, documents): the gathered compute equals the dense reference
+    and activation checkpointing (loop) in loss and gradients (float64), and differs from recursion-wise; an explicit
+    kv_sharing=False is the default forward bit for bit."""
+    model = build(tiny("flt", router="expert_choice"), dtype=torch.float64)
+    tokens, labels = batch(B=2, T=16, seed=1)
+    doc_ids = (torch.arange(16)[None] >= torch.tensor([[5], [16]])).long()
+    out_g, g_g = _run(model, tokens, labels, doc_ids=doc_ids, kv_sharing=True)
+    model.router.dense = True
+    out_d, g_d = _run(model, tokens, labels, doc_ids=doc_ids, kv_sharing=True)
+    model.router.dense = False
+    torch.testing.assert_close(out_g.loss, out_d.loss, rtol=1e-10, atol=1e-10)
+    assert g_g.keys() == g_d.keys()
+    for name in g_g:
+        torch.testing.assert_close(g_g[name], g_d[name], rtol=1e-8, atol=1e-10, msg=name)
+    ckpt = build(tiny("flt", router="expert_choice"), dtype=torch.float64, activation_checkpointing="loop")
+    out_c, g_c = _run(ckpt, tokens, labels, doc_ids=doc_ids, kv_sharing=True)
+    assert torch.equal(out_c.loss, out_g.loss) and g_c.keys() == g_g.keys()
+    for name in g_g:
+        torch.testing.assert_close(g_c[name], g_g[name], rtol=1e-10, atol=1e-12, msg=name)
+    out_r, _ = _run(model, tokens, labels, doc_ids=doc_ids)
+    assert not torch.allclose(out_r.loss, out_g.loss, rtol=0, atol=1e-9)
+    out_off, g_off = _run(model, tokens, labels, doc_ids=doc_ids, kv_sharing=False)
+    assert torch.equal(out_off.loss, out_r.loss) and torch.equal(out_off.logits, out_r.logits)
+
+
+def test_kv_sharing_errors(tp1):
+    """One-line refusals: kv_sharing without a router; expert choice whose first loop leaves tokens out
+    (model.router_capacity[0] < 1), cached or not; a cache used in both modes; `loopstack generate --kv-sharing` on
+    a model without a router (UserError)."""
+    import argparse
+
+    from loopstack.errors import UserError
+    from pretrain.generation import check_kv_sharing_flag
+    from pretrain.models.generate import KVCache
+    from pretrain.use_cli import register
+
+    tokens, _ = batch(B=1, T=6)
+    with pytest.raises(ValueError, match="model.router"):
+        build(tiny("flt"))(tokens, kv_sharing=True)
+    partial_first = build(tiny("flt", router="expert_choice", router_capacity=[0.5])).eval()
+    for cache in (None, KVCache.allocate(partial_first, 1, 6)):
+        with pytest.raises(ValueError, match=r"model.router_capacity\[0\] = 0.5"):
+            partial_first(tokens, cache=cache, kv_sharing=True)
+    model = _decisive("flt", "expert_choice")
+    cache = KVCache.allocate(model, 1, 8)
+    model(tokens, cache=cache)
+    with pytest.raises(ValueError, match="kv_sharing=False"):
+        model(tokens[:, :1], cache=cache, kv_sharing=True)
+    with pytest.raises(ValueError, match="kv_sharing=True"):
+        model(tokens, cache=KVCache.allocate(model, 1, 8, kv_sharing=True))
+    with pytest.raises(UserError, match="--kv-sharing.*model.router"):
+        check_kv_sharing_flag(tiny("flt"), 3)
+    with pytest.raises(UserError, match=r"--kv-sharing.*router_capacity\[0\]"):
+        check_kv_sharing_flag(tiny("flt", router="expert_choice", router_capacity=[0.9]), 3)
+    check_kv_sharing_flag(tiny("flt", router="token_choice"), 3)
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    assert parser.parse_args(["generate", "run", "--kv-sharing"]).kv_sharing
+    assert not parser.parse_args(["generate", "run"]).kv_sharing
