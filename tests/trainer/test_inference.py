@@ -130,3 +130,29 @@ def test_init_from_starts_a_run_from_another_runs_weights(smoke_data, tmp_path):
     bad = run_train(1, tmp_path / "bad", smoke_data + ["train.steps=1", "model.d_model=128",
                                                        f"train.init_from={src}"], expect=2)
     assert "model.d_model: 64 -> 128" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+
+
+def test_generate_cli_with_adaptive_depth(tmp_path):
+    """`generate --exit-threshold` (learned exit gate) and `--kv-sharing` (Mixture-of-Recursions) through the CLI equal
+    `generate_batch` on the loaded model, loops per token included; each flag on the wrong model is one line."""
+    from pretrain.inference import load_run
+    from pretrain.models.generate import generate_batch
+    from tests.use_helpers import make_run
+
+    gate = make_run(tmp_path, "flt", name="gate", exit_gate=True)
+    routed = make_run(tmp_path, "flt", name="routed", router="expert_choice", n_prelude=1, n_coda=1)
+    prompt = "ab,cd;a1="
+    for run, flags, kw in ((gate, ["--exit-threshold", "0.5"], dict(exit_threshold=0.5)),
+                           (routed, ["--kv-sharing"], dict(kv_sharing=True))):
+        out = _cli("generate", str(run), "--prompt", prompt, "--max-new-tokens", "6", "--temperature", "0", "--json",
+                   *flags)
+        assert out.returncode == 0, out.stderr[-2000:]
+        record = json.loads(out.stdout)
+        loaded = load_run(run)
+        want = generate_batch(loaded.model, [loaded.tokenizer.encode(prompt)], 6, eos_id=loaded.tokenizer.eos_id,
+                              **kw)
+        assert record["tokens"] == want.tokens[0] and record["loops"] == want.loops_used[0]
+    for run, flag, msg in ((gate, "--kv-sharing", "no router"),
+                           (routed, "--exit-threshold=0.5", "without the learned exit gate")):
+        out = _cli("generate", str(run), "--prompt", prompt, flag)
+        assert out.returncode == 2 and msg in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
