@@ -12,7 +12,8 @@ when the build has them (`model.router`). Recorded per model:
 - generation (`generate_batch`, greedy, the KV cache, 8 prompts from the eval data, batch 1 so that a step whose
   token stopped really skips loops): tokens/s and mean loops per new token, for the gate at several thresholds
   (1.0 = fixed depth) with the held-out loss and mean loops of `loopstack eval --exit-threshold` at each, so
-  speed can be read at matched quality; after a warm-up, the fastest of 3 repeats.
+  speed can be read at matched quality; after a warm-up, the fastest of 3 repeats; and the forward FLOPs per new
+  token at the mean loops it ran (`pretrain.models.flops`, attention over the mean context).
 Step time on a shared 2-core machine is only as good as the load allows; each result records the 1-minute load.
 """
 
@@ -87,9 +88,22 @@ def _generation(run: Path, thresholds: tuple[float, ...] | None, prompts: int, n
                 new += len(g.tokens[0])
                 loops += sum(g.loops_used[0])
             times.append(time.perf_counter() - start)
-        rows.append({"threshold": q, "tokens_per_s": new / min(times), "mean_loops": loops / max(new, 1),
+        mean_loops = loops / max(new, 1)
+        rows.append({"threshold": q, "tokens_per_s": new / min(times), "mean_loops": mean_loops,
+                     "flops_per_new_token": _decode_flops(loaded, len(ids[0]) + new_tokens // 2, mean_loops),
                      "new_tokens": new, "seconds": times})
     return rows
+
+
+def _decode_flops(loaded, context: int, loops: float) -> float:
+    """Forward FLOPs of one decoded token that runs `loops` loops on average (a fraction: tokens stop at different
+    loops) against `context` cached positions (the mean over a generation): prelude + loops x one loop + coda and
+    head, from `pretrain.models.flops` (attention over the whole context, not halved as in causal training; the
+    gate's and routers' 2 d per loop left out)."""
+    from pretrain.models.flops import flops_per_token
+
+    f = flops_per_token(loaded.cfg.model, context, 1, vocab_size=loaded.model.vocab_size, attention="full")
+    return f.prelude_forward + loops * f.core_forward + f.head_forward
 
 
 def _prompt_texts(n: int) -> list[str]:
