@@ -50,11 +50,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except UserError as err:
-        print(f"loopstack: error: {err}", file=sys.stderr)
+        _say(f"loopstack: error: {err}")
         return err.exit_code
     except KeyboardInterrupt:
-        print("loopstack: interrupted", file=sys.stderr)
+        _say("loopstack: interrupted")
         return 130
+
+
+def _say(line: str) -> None:
+    """One stderr line in one write: under torchrun every rank may refuse at once, and print's separate write of
+    the newline let two ranks' lines run together."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 if __name__ == "__main__":
