@@ -94,9 +94,10 @@ def _eval(args: argparse.Namespace) -> int:
         # a run trained with TP on many GPUs, evaluated here: ZeRO 1-3 checkpoints re-shard on load
         print(f"eval: {world} process(es), the run used parallel.tp = {cfg.parallel.tp}: evaluating with tp = 1")
         cfg = load_config(run_dir / "config.yaml", [*overrides, "parallel.tp=1"])
-    if any(kind == "threshold" for kind, _ in rules) and not cfg.model.exit_gate:
-        raise UserError(f"--exit-threshold: {run_dir} was trained without the learned exit gate (model.exit_gate); "
-                        "--exit-epsilon exits by convergence instead")
+    if any(kind == "threshold" for kind, _ in rules):
+        from pretrain.models.config import require_exit_gate
+
+        require_exit_gate(cfg.model, run_dir)
     from pretrain.train import evaluate_run
 
     caps = parse_loop_list(args.loops) if args.loops and rules else None

@@ -56,6 +56,13 @@ def write_eval(run_dir: Path, step: int, result: dict[int, float]) -> Path:
     return path
 
 
+def exit_kwargs(rule: tuple[str, float]) -> dict:
+    """The model-forward keywords of an exit rule: ("threshold", q) -> the learned gate, ("epsilon", eps) ->
+    convergence, both per token."""
+    kind, value = rule
+    return dict(exit_threshold=value) if kind == "threshold" else dict(exit_epsilon=value, exit_per_token=True)
+
+
 @torch.no_grad()
 def loss_with_exit(model: torch.nn.Module, make_data: Callable, loops: int, rules: list[tuple[str, float]],
                    batches: int, device: torch.device, dp_group=None,
@@ -73,9 +80,8 @@ def loss_with_exit(model: torch.nn.Module, make_data: Callable, loops: int, rule
             total = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, loops used sum, token count
             for _ in range(batches):
                 x = model_inputs(data.next_batch(), device)
-                kw = dict(exit_threshold=value) if kind == "threshold" else dict(exit_epsilon=value,
-                                                                                 exit_per_token=True)
-                out = model(x.inputs, x.labels, loops=loops, backprop_loops=0, doc_ids=x.doc_ids, **kw)
+                out = model(x.inputs, x.labels, loops=loops, backprop_loops=0, doc_ids=x.doc_ids,
+                            **exit_kwargs((kind, value)))
                 labelled = x.labels >= 0
                 total += torch.stack([out.loss.double(), out.exit_loops[labelled].double().sum(),
                                       labelled.sum().double()])

@@ -89,9 +89,10 @@ def run_generate(args: argparse.Namespace) -> int:
     loaded = load_run(args.run, step=args.step, dtype=args.dtype, warn=lambda m: print(m, file=sys.stderr))
     tok, model = loaded.tokenizer, loaded.model
     loops = args.loops or loaded.cfg.model.loops
-    if args.exit_threshold is not None and not loaded.cfg.model.exit_gate:
-        raise UserError(f"--exit-threshold: {loaded.run_dir} was trained without the learned exit gate "
-                        "(model.exit_gate); --exit-epsilon exits by convergence instead")
+    if args.exit_threshold is not None:
+        from pretrain.models.config import require_exit_gate
+
+        require_exit_gate(loaded.cfg.model, loaded.run_dir)
     if args.kv_sharing:
         check_kv_sharing_flag(loaded.cfg.model, loops)
     print(f"generate: {loaded.info.path} (step {loaded.step}, {loaded.cfg.model.variant}, {loops} loops, "

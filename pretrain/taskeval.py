@@ -119,10 +119,9 @@ def answer_correct(model: torch.nn.Module, problems: Sequence[tuple[list[int], l
 def _answer_correct(model: torch.nn.Module, problems: Sequence[tuple[list[int], list[int]]], loops: int,
                     batch_size: int, pad_id: int, device: torch.device, exit_rule: tuple[str, float] | None = None,
                     loops_used: list[float] | None = None) -> torch.Tensor:
-    kw = {}
-    if exit_rule is not None:
-        kind, value = exit_rule
-        kw = dict(exit_threshold=value) if kind == "threshold" else dict(exit_epsilon=value, exit_per_token=True)
+    from pretrain.evaluate import exit_kwargs
+
+    kw = exit_kwargs(exit_rule) if exit_rule is not None else {}
     result = []
     for start in range(0, len(problems), batch_size):
         chunk = problems[start:start + batch_size]
@@ -382,9 +381,10 @@ def run_task_eval(args: argparse.Namespace, rules: list[tuple[str, float]] | Non
     context = [] if cfg.data.document_masking else [loaded.tokenizer.eos_id]
 
     if rules:
-        if any(kind == "threshold" for kind, _ in rules) and not cfg.model.exit_gate:
-            raise UserError(f"--exit-threshold: {run_dir} was trained without the learned exit gate "
-                            "(model.exit_gate); --exit-epsilon exits by convergence instead")
+        if any(kind == "threshold" for kind, _ in rules):
+            from pretrain.models.config import require_exit_gate
+
+            require_exit_gate(cfg.model, run_dir)
         cap = max(parse_loops(args.loops)) if args.loops else cfg.model.loops
         print(f"eval --task {task}: {loaded.info.path} (step {loaded.step}), adaptive depth with at most {cap} loops, "
               f"depths 1..{depths[-1]} (trained 1..{train_depth}), {n} problems per depth", flush=True)

@@ -357,6 +357,16 @@ def router_capacities(cfg: ModelConfig, loops: int) -> list[float]:
     return [given[min(r, len(given) - 1)] for r in range(loops)]
 
 
+def require_exit_gate(cfg: ModelConfig, run) -> None:
+    """`--exit-threshold` (eval, eval --task, generate) needs a run trained with the learned exit gate: a one-line
+    UserError naming the run otherwise."""
+    from loopstack.errors import UserError
+
+    if not cfg.exit_gate:
+        raise UserError(f"--exit-threshold: {run} was trained without the learned exit gate (model.exit_gate); "
+                        "--exit-epsilon exits by convergence instead")
+
+
 def resolve_switches(cfg: ModelConfig) -> Switches:
     """The recipe of `cfg.variant` with every explicitly set switch applied over it."""
     base = RECIPES[cfg.variant]
