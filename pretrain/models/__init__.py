@@ -7,7 +7,8 @@
 Files: config.py (sections, recipes), layers.py (norms, rotary, attention, MLP, `declare_role`), recurrence.py
 (one module per recurrence family: what one loop does with the input and the previous state; `REGISTRY`),
 lora.py (per-loop LoRA on the core), looped.py (the model and its loop driver), diagnostics.py (per-loop health,
-early exit), depth.py (loop-count sampling), flops.py (FLOPs per token), generate.py (KV cache, generation).
+early exit), depth.py (loop-count sampling), flops.py (FLOPs per token), generate.py (KV cache, generation),
+attention.py (FlexAttention document masks, `model.attention: flex`).
 docs/models.md describes the recurrences and how to add one.
 
 Names are imported lazily: `pretrain.config` reads `pretrain.models.config` without paying for torch/megatron.

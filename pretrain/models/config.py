@@ -62,6 +62,10 @@ class ModelConfig:
     max_positions: int = param(0, min=0, help="positions of the learned position embedding (position: learned, "
                                               "required there); sequences may not be longer")
     rope_theta: float = param(10000.0, min=1.0, help="rotary base")
+    attention: Literal["sdpa", "flex"] = param(
+        "sdpa", help="kernel for document-masked attention (packed rows with doc ids): sdpa = a dense [B, 1, T, T] "
+                     "mask per forward; flex = FlexAttention with one block mask per forward (compiled on CUDA). "
+                     "Same results; other attention (plain causal, padded prompts, KV cache, router) stays on sdpa")
     init_std: float = param(0.02, min=0.0, help="std of weight init (output projections: / sqrt(2 x layers))")
     # --- loop switches: null = the variant's recipe (see RECIPES) ---
     injection: Injection | None = param(

@@ -26,7 +26,7 @@ projections, this rank's slice for the row-parallel ones); the core layers recei
 
 Tensors are [batch, seq, d_model] (megatron's linears accept any 3-D layout); attention runs on
 [batch, heads, seq, head_dim] through `F.scaled_dot_product_attention` (flash kernels on CUDA when no explicit
-mask is needed).
+mask is needed), or through FlexAttention when the mask is a block mask (`model.attention: flex`, attention.py).
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from megatron.core.tensor_parallel.layers import set_defaults_if_not_set_tensor_
 from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 from torch import nn
 
+from pretrain.models.attention import flex_attend, is_block_mask
 from pretrain.models.config import ModelConfig, mlp_hidden
 
 # megatron-core 0.16 warns on every linear call that tp_group "will be mandatory" although our layers pass it
@@ -226,7 +227,8 @@ class Attention(nn.Module):
     def forward(self, x_q: torch.Tensor, x_kv: torch.Tensor, rope, mask: torch.Tensor | None = None,
                 kv_cache=None, lora: LoRA | None = None) -> torch.Tensor:
         """`rope`: the rotary tables, None with learned positions (no rotary). `mask`: None = causal with queries
-        aligned to the last keys; else a boolean [B or 1, 1, Tq, Tk] (True = may attend). `kv_cache`: a
+        aligned to the last keys; a boolean [B or 1, 1, Tq, Tk] (True = may attend) through SDPA; or a FlexAttention
+        block mask (model.attention = flex, packed documents: attention.py) through `flex_attend`. `kv_cache`: a
         `generate.LayerKV` that appends this call's keys/values. `lora`: per-loop adapter deltas by projection name
         (lora.py)."""
         B, T, _ = x_q.shape
@@ -244,12 +246,15 @@ class Attention(nn.Module):
             q, k = apply_rotary(q, rope), apply_rotary(k, rope)
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)
-        # a single query (decode) attends to every cached key: no mask; T queries on T keys: causal
-        causal = mask is None and T > 1
-        if mask is None and T > 1 and k.shape[2] != T:
-            raise ValueError("a multi-token chunk after cached tokens needs an explicit mask")
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                           enable_gqa=self.n_local_kv != self.n_local)
+        gqa = self.n_local_kv != self.n_local
+        if is_block_mask(mask):  # model.attention = flex with packed documents (attention.py)
+            y = flex_attend(q, k, v, mask, enable_gqa=gqa)
+        else:
+            # a single query (decode) attends to every cached key: no mask; T queries on T keys: causal
+            causal = mask is None and T > 1
+            if mask is None and T > 1 and k.shape[2] != T:
+                raise ValueError("a multi-token chunk after cached tokens needs an explicit mask")
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
         y = y.transpose(1, 2).reshape(B, T, self.n_local * self.head_dim)
         return adapt(lora, "wo", self.wo(y)[0], y)
 

@@ -52,6 +52,10 @@ diagnostics (`Recorder.observe`) watch it; early exit (`_run_with_exit`) and the
   (left) padding. Positions (rotary, or the rows of a learned position embedding) count real tokens only
   (position = number of real tokens before), padded keys are masked, and a padding query attends to itself only
   (so nothing is NaN). With it, each row computes exactly what it computes alone.
+- doc_ids (packed rows): each token attends within its own document only. `model.attention: sdpa` builds a dense
+  [B, 1, T, T] mask, `flex` one FlexAttention block mask (attention.py) in `_context`, reused by every layer of every
+  loop; flex applies only there (not with attention_mask or a router, which keep the dense path; without doc_ids
+  attention is plain causal SDPA either way).
 - positions (`model.position`): rotary inside attention (relative: packed documents under doc_ids see what they see
   alone), or learned absolute embeddings added to the token embedding before the prelude (GPT-2; no rotary; a
   packed document keeps its offset in the row, as GPT-2 was trained; at most model.max_positions positions, a
@@ -74,6 +78,7 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmb
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from pretrain.models.attention import BlockMask, document_block_mask
 from pretrain.models.config import LoopConfig, ModelConfig, Switches, padded_vocab, resolve_switches
 from pretrain.models.depth import loss_loop_indices
 from pretrain.models.diagnostics import EarlyExit, ExitRule, LoopDiagnostics, Recorder
@@ -113,7 +118,7 @@ class _Context:
 
     rope: tuple[torch.Tensor, torch.Tensor] | None
     positions: torch.Tensor
-    mask: torch.Tensor | None
+    mask: torch.Tensor | BlockMask | None  # dense boolean [B or 1, 1, T, keys], a flex block mask, or None = causal
     cache: KVCache | None
     loops: int
     # the core layers' K/V hook `layer(t, i)`: per-token early exit's stopped tokens' keys/values (generate.ExitKV),
@@ -481,7 +486,11 @@ class LoopedLM(nn.Module):
         positions = torch.arange(start, start + T, device=tokens.device)
         rope = None if learned else rotary_tables(positions, head_dim, self.cfg.rope_theta, dtype)
         mask = None
-        if doc_ids is not None:  # attend only within the same document (packed sequences)
+        if doc_ids is not None and self.cfg.attention == "flex" and self.router is None:
+            # FlexAttention (attention.py): one block mask, built here once, for every layer of every loop. The
+            # router (routing.py) gathers rows of the dense mask for its token subsets: it keeps the dense path
+            mask = document_block_mask(doc_ids.to(tokens.device))
+        elif doc_ids is not None:  # attend only within the same document (packed sequences)
             causal = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()
             mask = ((doc_ids[:, :, None] == doc_ids[:, None, :]) & causal)[:, None]
         elif start > 0 and T > 1:  # a chunk after cached tokens: causal with an offset
