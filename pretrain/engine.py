@@ -29,6 +29,13 @@ any local loss or gradient was non-finite; at the boundary one all-reduce (max) 
 that (and the caller's `loss_is_finite`) into one decision; then DeepSpeed's step runs as usual (so its
 bookkeeping, gradient clearing and accumulation counters stay in step on every rank) but the optimizer
 underneath does nothing. Weights, moments, Muon momenta and Adam step counts are untouched.
+
+Host syncs (docs/performance.md, "Host syncs"). `step_deferred` takes the decision without reading it on
+the host where it can: on CUDA, with only AdamW groups (torch's fused AdamW) and ZeRO 0/1/2, the agreed
+flag goes to fused AdamW as its `found_inf` (the kernel leaves weights and moments alone and the step count
+is put back, all on device), and the ZeRO-0 clip is computed on device. Elsewhere (CPU, any Muon group,
+ZeRO-3) the flag is read on the host and `HybridOptimizer.skip_next_step` vetoes the step as before; on CPU
+reading a tensor is no sync at all.
 """
 
 from __future__ import annotations
@@ -50,6 +57,13 @@ from pretrain.optim import HybridOptimizer, build_optimizer
 class StepOutcome(NamedTuple):
     stepped: bool  # False on a non-boundary micro step and on a skipped step
     grad_norm: float  # global pre-clip gradient norm; nan off the boundary; inf/nan when non-finite
+
+
+class DeviceStep(NamedTuple):
+    """A boundary step as `Engine.step_deferred` leaves it: values the host reads when it needs them."""
+
+    skipped: torch.Tensor  # float32 [1] on the device: 1.0 when every rank skipped the update, 0.0 when applied
+    grad_norm: torch.Tensor | float  # the pre-clip global grad norm: a device tensor, or DeepSpeed's host value
 
 
 def deepspeed_config(cfg: Any, env: DistEnv) -> dict:
@@ -110,9 +124,11 @@ class Engine:
         self.base_optimizer = optimizer
         self._guard = guard
         self._cfg, self._env = cfg, env
-        self.last_step_skipped = False
-        self.skipped_steps = 0
-        self._grad_norm = math.nan
+        self._last_skip: torch.Tensor | bool = False
+        self._skip_count: torch.Tensor | int = 0
+        self._grad_norm: torch.Tensor | float = math.nan
+        # decide a skip on the device, with no host read (module docstring): fused AdamW only, ZeRO 0-2
+        self.device_skip = (env.device.type == "cuda" and cfg.parallel.zero_stage < 3 and optimizer.masks_on_device)
 
     def __getattr__(self, name: str) -> Any:  # only called for names not found on the wrapper
         ds = self.__dict__.get("ds")
@@ -130,32 +146,63 @@ class Engine:
     def is_gradient_accumulation_boundary(self) -> bool:
         return self.ds.is_gradient_accumulation_boundary()
 
+    @property
+    def last_step_skipped(self) -> bool:
+        """Whether the last boundary step was skipped (reads the device flag: a host sync on CUDA)."""
+        return bool(self._last_skip)
+
+    @property
+    def skipped_steps(self) -> int:
+        """Boundary steps skipped so far (reads a device counter: a host sync on CUDA)."""
+        return int(self._skip_count)
+
     def step(self, loss_is_finite: bool = True) -> StepOutcome:
         """DeepSpeed's step; at the accumulation boundary, skipped on every rank if any rank saw a
-        non-finite loss or gradient or was told `loss_is_finite=False` (e.g. a loss spike)."""
+        non-finite loss or gradient or was told `loss_is_finite=False` (e.g. a loss spike). Reads the outcome
+        on the host (`step_deferred` does not)."""
         if not self.ds.is_gradient_accumulation_boundary():
             self.ds.step()
             return StepOutcome(False, math.nan)
-        bad = (~(self._guard.take() & bool(loss_is_finite))).to(torch.float32).reshape(1)
+        out = self.step_deferred(loss_is_finite)
+        return StepOutcome(not bool(out.skipped.item()), host_norm(out.grad_norm))
+
+    def step_deferred(self, loss_is_finite: bool | torch.Tensor = True) -> DeviceStep:
+        """`step` at the accumulation boundary without reading the outcome: the agreed skip flag and the grad
+        norm come back as device values. `loss_is_finite` may be a device bool tensor. Where the skip cannot
+        be applied on the device (`device_skip` False) the flag is read here, as `step` always did."""
+        if not self.ds.is_gradient_accumulation_boundary():
+            raise RuntimeError("step_deferred is for the accumulation boundary; call step() on the micro steps")
+        ok = self._guard.take()
+        if isinstance(loss_is_finite, torch.Tensor):
+            ok = ok & loss_is_finite.to(ok.device, torch.bool).reshape(())
+        elif not loss_is_finite:
+            ok = torch.zeros_like(ok)
+        bad = (~ok).to(torch.float32).reshape(1)
         if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        skip = bool(bad.item())
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # queued on the device; no host wait under NCCL
         norm = self._clip_zero0() if _clips_itself(self._cfg) else None
-        self.base_optimizer.skip_next_step = skip
+        if self.device_skip:
+            self.base_optimizer.skip_flag = bad.reshape(())  # 0-dim, as GradScaler hands fused AdamW its found_inf
+        else:
+            self.base_optimizer.skip_next_step = bool(bad.item())
         try:
             self.ds.step()
         finally:
             self.base_optimizer.skip_next_step = False
+            self.base_optimizer.skip_flag = None
         if norm is None:
             norm = self.ds.get_global_grad_norm()
-            norm = math.nan if norm is None else float(norm)
-        self._grad_norm, self.last_step_skipped = norm, skip
-        self.skipped_steps += skip
-        return StepOutcome(not skip, norm)
+            norm = math.nan if norm is None else norm
+            if isinstance(norm, torch.Tensor):
+                norm = norm.detach()
+        self._grad_norm, self._last_skip = norm, bad
+        self._skip_count = self._skip_count + bad  # a device tensor after the first boundary
+        return DeviceStep(bad, norm)
 
     def get_global_grad_norm(self) -> float:
-        """Pre-clip global gradient norm (TP shards counted once, DP-averaged grads) of the last boundary."""
-        return self._grad_norm
+        """Pre-clip global gradient norm (TP shards counted once, DP-averaged grads) of the last boundary
+        (read on the host: a sync on CUDA)."""
+        return host_norm(self._grad_norm)
 
     def save_checkpoint(self, save_dir: str, tag: str | None = None, client_state: dict | None = None,
                         **kwargs: Any) -> Any:
@@ -166,9 +213,12 @@ class Engine:
         return self.ds.load_checkpoint(load_dir, tag=tag, **kwargs)
 
     @torch.no_grad()
-    def _clip_zero0(self) -> float:
+    def _clip_zero0(self) -> torch.Tensor:
         """ZeRO 0: grads are whole and DP-averaged by now; megatron-style norm (a TP-replicated param
-        counts once, on TP rank 0), then clip like torch's clip_grad_norm_."""
+        counts once, on TP rank 0), then clip like torch's clip_grad_norm_. All on the device: the
+        coefficient min(1, clip / (norm + 1e-6)) is computed in float64 as the host did it in Python and
+        rounded to float32 as the kernel rounded the Python scalar, so grads are bit-identical to a host
+        clip; a factor of exactly 1 (no clipping, or a non-finite norm) leaves every value as it was."""
         params = [p for p in self.ds.module.parameters() if p.grad is not None]
         tp_rank = self._env.tp_rank
         mine = [p.grad for p in params if tp_rank == 0 or getattr(p, "tensor_model_parallel", False)]
@@ -179,14 +229,24 @@ class Engine:
             from megatron.core import parallel_state as ps
 
             dist.all_reduce(sq, group=ps.get_tensor_model_parallel_group())
-        norm = float(sq.sqrt())
+        norm = sq.sqrt()
         clip = self._cfg.train.grad_clip
-        if clip > 0 and math.isfinite(norm):
-            coef = min(1.0, clip / (norm + 1e-6))
-            if coef < 1.0:
-                for p in params:
+        if clip > 0:
+            coef = (clip / (norm.double() + 1e-6)).clamp(max=1.0)
+            coef = torch.where(torch.isfinite(norm), coef, torch.ones_like(coef)).float()
+            for p in params:
+                if p.grad.dtype == torch.float32:
                     p.grad.mul_(coef)
+                else:  # bf16: the product in float32 rounded once, as the kernel does with a Python scalar
+                    p.grad.copy_(p.grad.float() * coef)
         return norm
+
+
+def host_norm(norm: torch.Tensor | float | None) -> float:
+    """A grad norm as a Python float (nan for none); reading a device tensor is a host sync on CUDA."""
+    if norm is None:
+        return math.nan
+    return float(norm)
 
 
 def step_or_skip(engine: Engine, loss_is_finite: bool = True) -> StepOutcome:

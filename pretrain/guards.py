@@ -2,6 +2,12 @@
 
 The decision is taken on the data-parallel-averaged loss, which every rank holds, so all ranks agree
 without an extra collective. Non-finite gradients are handled by the engine's `step_or_skip`.
+
+When the trainer calls them (docs/performance.md, "Host syncs"): with `train.spike_factor` > 0 the LossGuard
+must veto the update, so it sees each loss before its step (a host read per step). With it 0 (the default) it
+can only skip non-finite losses, which the engine already skips on the device, and it is fed each loss when the
+trainer reads it, one step late at most; the DivergenceMonitor likewise. Both see the same losses in the same
+order, and the trainer reads every pending step before a checkpoint, so their saved state is the same.
 """
 
 from __future__ import annotations

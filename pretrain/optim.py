@@ -127,7 +127,10 @@ class HybridOptimizer(torch.optim.Optimizer):
     AdamW is torch's own (fused on CUDA), run on the AdamW groups and sharing this optimizer's state, so
     its checkpoints are plain `state_dict`s. Muon runs per group with `pretrain.muon`. `skip_next_step`
     makes `step()` a no-op: the engine sets it for a step every rank agreed to skip (non-finite loss or
-    gradients), so neither weights nor moments, momenta or Adam step counts move.
+    gradients), so neither weights nor moments, momenta or Adam step counts move. `skip_flag` is the same veto
+    as a device tensor (1.0 = skip), read by no one on the host: it is fused AdamW's `found_inf`, whose kernel
+    leaves weights and moments alone and whose step count is put back on the device. Only an optimizer with
+    `masks_on_device` (fused AdamW, no Muon group) takes it; the engine reads the flag for the others.
 
     The class name deliberately avoids 'muon' and the params carry no `use_muon`: DeepSpeed keys its own
     (shard-wise) Muon path on those.
@@ -139,6 +142,7 @@ class HybridOptimizer(torch.optim.Optimizer):
                  ns_dtype: torch.dtype = torch.float32, muon_distributed: bool = True):
         super().__init__(groups, dict(lr=0.0, weight_decay=0.0, momentum=momentum))
         self.skip_next_step = False
+        self.skip_flag: torch.Tensor | None = None
         self.tp = TPContext(tp_group)
         self.dp_group = dp_group
         self.ns_steps, self.ns_dtype = ns_steps, ns_dtype
@@ -157,6 +161,8 @@ class HybridOptimizer(torch.optim.Optimizer):
         adam_groups = [g for g in self.param_groups if g["kind"] == "adamw"]
         self._adamw = torch.optim.AdamW(adam_groups, lr=0.0, betas=betas, eps=eps, weight_decay=0.0,
                                         fused=True if fused else None) if adam_groups else None
+        # a skip can be applied on the device without the host reading the flag (see the class docstring)
+        self.masks_on_device = bool(fused) and self._adamw is not None and len(adam_groups) == len(self.param_groups)
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: D102 - see the class docstring
@@ -164,12 +170,18 @@ class HybridOptimizer(torch.optim.Optimizer):
             raise NotImplementedError("HybridOptimizer.step does not take a closure")
         if self.skip_next_step:
             return None
+        if self.skip_flag is not None and not self.masks_on_device:
+            raise RuntimeError("skip_flag needs fused AdamW and no Muon group; read the flag and set skip_next_step")
         # DeepSpeed may call step with a subset of groups (ZeRO 1/2: one at a time) or emptied lists (ZeRO 3)
         adam = [g for g in self.param_groups if g["kind"] == "adamw" and g["params"]]
         if adam:
             self._adamw.param_groups = adam
             self._adamw.state = self.state
-            self._adamw.step()
+            self._adamw.found_inf = self.skip_flag  # fused AdamW's on-device veto (None: apply)
+            try:
+                self._adamw.step()
+            finally:
+                self._adamw.found_inf = None
         for group in self.param_groups:
             if group["kind"] == "muon" and group["params"]:
                 self._muon_step(group)

@@ -57,20 +57,79 @@ class TrainState:
 
 
 class StopRequest:
-    """SIGUSR1 / SIGTERM set a flag; the step in progress finishes, then all ranks agree to stop."""
+    """SIGUSR1 / SIGTERM set a flag; all ranks agree to stop one step later, without a host sync.
+
+    `poll` is called once per step, at the same point on every rank: it returns the agreement reached on the
+    flags that the previous call sent (an all-reduce (max) issued with async_op=True and, on CUDA, copied to
+    pinned host memory behind an event), then sends this step's flag. So a signal that arrives during step s
+    stops the run after step s + 1, whose checkpoint is written (docs/performance.md, "Host syncs")."""
 
     def __init__(self) -> None:
         self.signal: int | None = None
+        self._sent: tuple[dist.Work, _HostCopy | torch.Tensor] | None = None
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
         self.signal = signum
 
-    def agreed(self, device: torch.device) -> bool:
-        flag = torch.tensor([1 if self.signal is not None else 0], dtype=torch.int32, device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    def poll(self, device: torch.device) -> bool:
+        """The flag agreed at the previous call (False at the first); sends this step's flag unless it says stop."""
+        agreed = self.wait()
+        if not agreed:
+            # filled on the device (torch.tensor(..., device=cuda) would copy from pageable memory: a sync)
+            flag = torch.full((1,), int(self.signal is not None), dtype=torch.int32, device=device)
+            work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True)
+            if device.type == "cuda":  # the copy is ordered after the all-reduce on the stream, not on the host
+                work.wait()
+                self._sent = (work, _HostCopy(flag))
+            else:  # gloo: the reduction runs in its thread; wait for it at the next poll
+                self._sent = (work, flag)
+        return agreed
+
+    def wait(self) -> bool:
+        """Finish the flag in flight (so no rank leaves a collective behind); whether it said stop."""
+        if self._sent is None:
+            return False
+        work, flag = self._sent
+        self._sent = None
+        if isinstance(flag, _HostCopy):
+            return bool(flag.get().item())
+        work.wait()
         return bool(flag.item())
+
+
+class _HostCopy:
+    """A device tensor on its way to the host. On CUDA it is copied into pinned memory with non_blocking=True
+    behind the work already queued and an event is recorded; `get` waits for that event only, not for work
+    queued after it (the next step). On CPU the tensor is host memory already and `get` returns it."""
+
+    def __init__(self, value: torch.Tensor):
+        self.event = None
+        if value.device.type == "cuda":
+            self.host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+            self.host.copy_(value, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = value
+
+    def get(self) -> torch.Tensor:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host
+
+
+@dataclass
+class _PendingStep:
+    """A step queued on the device whose scalars the host has not read yet (`Trainer._settle` reads them)."""
+
+    record: dict  # the host-known fields: step, lr, tokens, loops, ...
+    values: _HostCopy  # float64 [loss, *stats, skipped, grad_norm if a tensor]
+    stat_names: list[str]
+    grad_norm: float | None  # DeepSpeed's host grad norm when it is no tensor
+    diagnostics: object | None
+    guarded: bool  # the loss guard already saw this loss before the step (train.spike_factor > 0)
 
 
 def prepare_data(cfg: RunConfig) -> None:
@@ -290,12 +349,26 @@ class Trainer:
             save_config(cfg, self.run_dir / "config.yaml")
         device_name, peak = device_peak_flops()
         throughput, t_start, steps_run = Throughput(), time.perf_counter(), 0
+        pending: _PendingStep | None = None  # the previous step, not read yet (docs/performance.md, "Host syncs")
         while self.state.step < cfg.train.steps:
             throughput.start()
-            record = self.train_step()
+            current = self._queue_step()
+            if pending is not None:  # read one step late, after this step was queued behind it
+                record, pending = self._settle(pending), None
+                diverged = self.divergence.observe(record["step"], record["loss"], skipped=bool(record["skipped"]))
+                if diverged is not None:
+                    self._stop_diverged(diverged)
+            step = self.state.step
+            stop = self.stop.poll(env.device)  # the flags of the previous step, agreed by now
+            every = cfg.logging.every, cfg.checkpoint.every, cfg.eval.every or cfg.train.steps + 1
+            if not (current.guarded or stop or step == cfg.train.steps or any(step % n == 0 for n in every)):
+                throughput.stop(self.tokens_per_step)
+                steps_run += 1
+                pending = current
+                continue
+            record = self._settle(current)  # a step the host waits on anyway: logging, checkpoint, eval, stop
             throughput.stop(self.tokens_per_step)
             steps_run += 1
-            step = self.state.step
             if step % cfg.logging.every == 0 or step == cfg.train.steps:
                 self._log_step(record, throughput, device_name, peak, time.perf_counter() - t_start, steps_run)
             diverged = self.divergence.observe(step, record["loss"], skipped=bool(record["skipped"]))
@@ -306,7 +379,7 @@ class Trainer:
                     continue
             if diverged is not None:
                 self._stop_diverged(diverged)
-            if self.stop.agreed(env.device):
+            if stop:
                 self.save()
                 self.log.message(f"stopped by signal {self.stop.signal} at step {step}: checkpoint written, "
                                  f"exit {EXIT_REQUEUE} (requeue)")
@@ -320,6 +393,7 @@ class Trainer:
                     self.save()
             if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
                 self.evaluate()
+        self.stop.wait()  # the last step's flag: every rank finishes its all-reduce
         if info is None or info.step < cfg.train.steps:
             self.save()
         self.evaluate()
@@ -342,8 +416,18 @@ class Trainer:
         self.log.message(f"compile: {stats['graphs']} graphs, {stats['recompiles']} recompiles")
 
     def train_step(self) -> dict:
+        """One step, read at once: its metrics record (the benchmarks' entry; `fit` reads a step later)."""
+        return self._settle(self._queue_step())
+
+    def _queue_step(self) -> _PendingStep:
+        """Queue one optimizer step (micro steps, the DP-mean loss and stats, the agreed skip, the update) and
+        advance the counters that need no device value; the device values travel to the host behind it.
+
+        With `train.spike_factor` > 0 the loss guard must see the loss before the update: it is read here (a
+        host sync), as every step was before. Otherwise a non-finite loss is the engine's skip (every rank's
+        local loss is checked on the device and the flag all-reduced), and the guard's moving average is fed
+        when the step is settled."""
         from pretrain.batches import model_inputs
-        from pretrain.engine import step_or_skip
         from pretrain.models.depth import curriculum_cap, depth_for_step
         from pretrain.optim import lr_at, set_lr
 
@@ -374,30 +458,53 @@ class Trainer:
                 engine.step()  # not a boundary: DeepSpeed only counts the micro step
         loss = loss_sum / cfg.train.grad_accum
         dist.all_reduce(loss, group=_dp_group())
-        loss = (loss / env.dp).item()
+        loss = loss / env.dp
+        names = sorted(stats)
+        packed = torch.zeros(0, dtype=torch.float32, device=env.device)
         if stats:  # one all-reduce for all of them; the same names on every rank (the model's config decides them)
-            names = sorted(stats)
             packed = torch.stack([stats[k] for k in names]) / cfg.train.grad_accum
             dist.all_reduce(packed, group=_dp_group())
-            stats = dict(zip(names, (packed / env.dp).tolist(), strict=True))
-        skip = self.guard.should_skip(loss)
-        stepped, grad_norm = step_or_skip(engine, not skip)
-        if not stepped:
-            self.state.skipped_steps += 1
+            packed = packed / env.dp
+        guarded = bool(cfg.train.spike_factor)
+        loss_ok = not self.guard.should_skip(loss.item()) if guarded else True
+        done = engine.step_deferred(loss_ok)
         self.state.step += 1
         self.state.tokens += self.tokens_per_step
-        record = {"step": self.state.step, "loss": loss, "lr": cfg.train.lr * lr_at(step, cfg.train),
-                  "grad_norm": grad_norm, "tokens": self.state.tokens, "loops": loops, "backprop_loops": backprop,
-                  "skipped": int(not stepped), "skipped_total": self.state.skipped_steps}
+        record = {"step": self.state.step, "lr": cfg.train.lr * lr_at(step, cfg.train), "tokens": self.state.tokens,
+                  "loops": loops, "backprop_loops": backprop}
         if depths is not None:  # loops: the deepest sequence of the global batch; loops_mean: the mean depth
             k, loops = cfg.loop.backprop_loops, int(depths.max())
             record.update(loops=loops, loops_mean=float(depths.mean()), backprop_loops=min(k, loops) if k else loops)
             self._depths = depths
         if loops_max is not None:
             record["loops_max"] = loops_max
-        record.update(stats)
-        if diagnostics is not None:
-            record.update({f"diag/{k}": v for k, v in asdict(diagnostics).items()})
+        norm = done.grad_norm
+        parts = [loss.reshape(1), packed, done.skipped.reshape(1)]
+        if isinstance(norm, torch.Tensor):
+            parts.append(norm.reshape(1))
+        values = torch.cat([t.to(env.device, torch.float64) for t in parts])  # float64 holds each value exactly
+        return _PendingStep(record, _HostCopy(values), names, None if isinstance(norm, torch.Tensor) else norm,
+                            diagnostics, guarded)
+
+    def _settle(self, pending: _PendingStep) -> dict:
+        """Read a queued step's values (waiting for that step only) and finish its bookkeeping: the skip count,
+        the loss guard's moving average (unless it saw the loss already) and the metrics record, with the same
+        values and keys as when they were read during the step."""
+        values = pending.values.get().tolist()
+        n = len(pending.stat_names)
+        loss, stats, skipped = values[0], values[1:1 + n], values[1 + n] > 0
+        grad_norm = values[2 + n] if pending.grad_norm is None else pending.grad_norm
+        if not pending.guarded:
+            self.guard.should_skip(loss)  # spike_factor 0: only its moving average and counters move
+        self.state.skipped_steps += skipped
+        r = pending.record
+        record = {"step": r["step"], "loss": loss, "lr": r["lr"], "grad_norm": grad_norm, "tokens": r["tokens"],
+                  "loops": r["loops"], "backprop_loops": r["backprop_loops"], "skipped": int(skipped),
+                  "skipped_total": self.state.skipped_steps}
+        record.update((k, v) for k, v in r.items() if k not in record)
+        record.update(zip(pending.stat_names, stats, strict=True))
+        if pending.diagnostics is not None:
+            record.update({f"diag/{k}": v for k, v in asdict(pending.diagnostics).items()})
         return record
 
     def _sequence_depths(self, step: int):
@@ -439,6 +546,7 @@ class Trainer:
         good = [c for c in ckpt.list_complete(self.run_dir / "checkpoints") if c.step < first]
         where = (f"last good checkpoint: {good[-1].path} (after changing the config, e.g. a lower train.lr, resume "
                  f"from it with --resume {good[-1].path})") if good else "no checkpoint from before it"
+        self.stop.wait()
         self.log.close()
         raise DivergedError(f"{self.run_dir}: the run diverged: {reason}; {where}")
 
