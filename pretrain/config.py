@@ -50,7 +50,16 @@ class TrainConfig:
     beta2: float = param(0.95, min=0.0, max=1.0)
     eps: float = param(1e-8, min=0.0)
     grad_clip: float = param(1.0, min=0.0, help="global norm clip; 0 = off")
-    dtype: Literal["fp32", "bf16"] = param("fp32", help="compute dtype")
+    dtype: Literal["fp32", "bf16", "bf16_autocast"] = param(
+        "fp32", help="fp32; bf16 = bf16 weights with fp32 master weights and optimizer state (DeepSpeed bf16); "
+                     "bf16_autocast = fp32 weights, gradients and optimizer state, the forward and loss under "
+                     "torch.autocast(bfloat16) (nanochat, the FLT paper's official code; CPU too)")
+    adamw_lr_scaling: Literal["none", "nanochat"] = param(
+        "none", help="nanochat (nanochat dmodel_lr_scale): the embedding and head lrs x (d_model / 768)^-0.5; "
+                     "Muon and the other AdamW groups unscaled")
+    muon_ns_dtype: Literal["auto", "fp32", "bf16"] = param(
+        "auto", help="dtype of Muon's Newton-Schulz iteration: auto = bf16 on CUDA, fp32 on CPU; bf16 = always "
+                     "(nanochat, the FLT paper's official code)")
     compile: bool = param(False, help="torch.compile the core layers once; every loop (any loop count) reuses the "
                                       "graph (pretrain/models/compile.py)")
     loss_chunk_tokens: int = param(0, min=0, help="compute the head and cross-entropy on this many tokens at a time, "
@@ -186,6 +195,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Ru
         cfg.loop.check_adaptive(cfg.model)
         cfg.model.check_router(cfg.loop)
         cfg.model.check_positions(cfg.data.seq_len)
+        cfg.model.check_init()
     except ConfigError as err:
         raise ConfigError(f"{origin}: {err}") from None
     return cfg

@@ -10,7 +10,8 @@
 What DeepSpeed gets: our `HybridOptimizer` as a client optimizer (ZeRO 0/1/2/3 wrap it), micro batch,
 grad accumulation, clipping, bf16, and megatron's groups through `MegatronMPU` (TP = model parallel).
 bf16 keeps fp32 master weights and optimizer state (DeepSpeed's wrappers); with ZeRO >= 1 gradients
-are also accumulated and reduced in fp32, with ZeRO 0 DeepSpeed accumulates them in bf16.
+are also accumulated and reduced in fp32, with ZeRO 0 DeepSpeed accumulates them in bf16. bf16_autocast is
+DeepSpeed fp32 (weights, gradients, optimizer) with the model's forward under torch.autocast (`autocast_dtype`).
 
 Muon and AdamW work with every ZeRO stage and any TP (see `pretrain.muon`); under ZeRO-3 the optimizer is
 told where each matrix sits in the flat sub-group partitions (`HybridOptimizer.bind_zero3`).
@@ -69,7 +70,7 @@ class DeviceStep(NamedTuple):
 def deepspeed_config(cfg: Any, env: DistEnv) -> dict:
     """The DeepSpeed config dict for this run (no optimizer section: we pass our own)."""
     t, stage = cfg.train, cfg.parallel.zero_stage
-    bf16 = t.dtype == "bf16"
+    bf16 = t.dtype == "bf16"  # bf16_autocast: DeepSpeed bf16 off (fp32 weights and grads; autocast in the model)
     conf = {
         "train_micro_batch_size_per_gpu": t.micro_batch,
         "gradient_accumulation_steps": t.grad_accum,
@@ -323,9 +324,13 @@ def build_engine(model: torch.nn.Module, cfg: Any, env: DistEnv, param_roles: Ma
     import deepspeed
     from megatron.core import parallel_state as ps
 
+    from pretrain.inference import RUN_DTYPES
+
     tp_group = ps.get_tensor_model_parallel_group() if env.tp > 1 else None
     dp_group = ps.get_data_parallel_group() if env.dp > 1 else None
     model.to(env.device)  # DeepSpeed would move it too; before, so fused AdamW sees device tensors
+    if hasattr(model, "autocast_dtype"):  # train.dtype bf16_autocast: the model's forward and loss under autocast
+        model.autocast_dtype = RUN_DTYPES[cfg.train.dtype][1]
     optimizer = build_optimizer(model, param_roles, cfg.train, tp_group=tp_group, dp_group=dp_group,
                                 device=env.device)
     guard = _FiniteGuard([p for p in model.parameters()], env.device)

@@ -32,6 +32,10 @@ from pretrain import checkpoint as ckpt
 from pretrain.config import RunConfig, config_from_dict
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# train.dtype -> (the parameters' dtype, the forward's autocast dtype or None): bf16_autocast keeps fp32 weights and
+# runs the forward and loss under torch.autocast(bfloat16), in training and wherever its checkpoints are loaded
+RUN_DTYPES: dict[str, tuple[torch.dtype, torch.dtype | None]] = {
+    "fp32": (torch.float32, None), "bf16": (torch.bfloat16, None), "bf16_autocast": (torch.float32, torch.bfloat16)}
 
 
 @dataclass
@@ -132,13 +136,14 @@ def load_tokenizer_for(cfg: RunConfig, run_dir: Path):
 def load_run(source: str | os.PathLike, *, step: int | None = None, dtype: str | None = None,
              device: str | torch.device | None = None, warn=print) -> Loaded:
     """The model of a run or checkpoint in this process (TP=1), its config and tokenizer; see the module docstring.
-    `dtype`: fp32 | bf16 (default: the run's train.dtype). Starts a one-process group and megatron's parallel state
-    when none exists (the model's layers need them)."""
+    `dtype`: fp32 | bf16 | bf16_autocast (default: the run's train.dtype; `RUN_DTYPES`: bf16_autocast loads fp32
+    weights and sets the model's autocast). Starts a one-process group and megatron's parallel state when none exists
+    (the model's layers need them)."""
     from pretrain.models import build_model
     from pretrain.weights import fill_from_checkpoint
 
-    if dtype is not None and dtype not in DTYPES:
-        raise UserError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    if dtype is not None and dtype not in RUN_DTYPES:
+        raise UserError(f"dtype {dtype!r}: expected one of {', '.join(RUN_DTYPES)}")
     run_dir, info = find_checkpoint(source, step, warn)
     saved = info.meta.get("config")
     if not isinstance(saved, dict):
@@ -151,7 +156,8 @@ def load_run(source: str | os.PathLike, *, step: int | None = None, dtype: str |
         device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, cfg.loop, model_vocab_size(cfg, tokenizer), device=device)
-    fill_from_checkpoint(model, info, 0, 1, saved, tokenizer, cfg.tokenizer.dir, dtype=DTYPES[dtype or cfg.train.dtype])
+    weights_dtype, model.autocast_dtype = RUN_DTYPES[dtype or cfg.train.dtype]
+    fill_from_checkpoint(model, info, 0, 1, saved, tokenizer, cfg.tokenizer.dir, dtype=weights_dtype)
     model.eval()
     return Loaded(model=model, cfg=cfg, tokenizer=tokenizer, info=info, run_dir=run_dir)
 

@@ -8,7 +8,9 @@ Parameter roles (given by the model, by parameter name): "matrix" = 2-D block ma
 when train.optimizer = muon), "embedding", "head", "norm", "injection", "lora" (per-loop LoRA adapters),
 "bias" (AdamW, no decay); a role not in ROLES is an error. This is the recipe of the FLT and Parcae
 papers: Muon for the block matrices, AdamW for the embedding, the head, gains and the injection
-parameters, each group at its own learning rate.
+parameters, each group at its own learning rate. `train.adamw_lr_scaling: nanochat` scales the embedding and head
+lrs by (d_model / 768)^-0.5 (`lr_scale`; each group carries the model's d_model); `train.muon_ns_dtype` picks the
+Newton-Schulz dtype (`ns_dtype`).
 
 Everything is one optimizer (`HybridOptimizer`) so that DeepSpeed can wrap it as a client optimizer under
 any ZeRO stage; see `pretrain.muon` for how the Muon part stays correct under ZeRO 1/2/3 and TP.
@@ -68,34 +70,58 @@ def lr_at(step: int, train_cfg: Any) -> float:
     raise ValueError(f"unknown schedule {train_cfg.schedule!r}")
 
 
-def group_base_lr(name: str, train_cfg: Any) -> float:
-    """Peak lr of a param group, read from the config (not the checkpoint: a resumed run may change it)."""
+# train.adamw_lr_scaling: nanochat (the FLT paper's official code) scales its AdamW groups by (d_model / 768)^-0.5
+NANOCHAT_LR_SCALED = ("embedding", "head")
+NANOCHAT_REFERENCE_WIDTH = 768
+
+
+def lr_scale(name: str, train_cfg: Any, d_model: int | None) -> float:
+    """The multiplier `train.adamw_lr_scaling` puts on group `name`'s lr: none = 1; nanochat (nanochat
+    `dmodel_lr_scale`) = (d_model / 768)^-0.5 for the embedding and head groups (nanochat's only AdamW groups),
+    1 for Muon and the other AdamW groups (gains, injection, LoRA, biases; matrices under train.optimizer: adamw)."""
+    if getattr(train_cfg, "adamw_lr_scaling", "none") == "none" or name not in NANOCHAT_LR_SCALED:
+        return 1.0
+    if not d_model:
+        raise ValueError("train.adamw_lr_scaling: nanochat needs the model's d_model (pass d_model=, or a model "
+                         "with .cfg.d_model)")
+    return (d_model / NANOCHAT_REFERENCE_WIDTH) ** -0.5
+
+
+def group_base_lr(name: str, train_cfg: Any, d_model: int | None = None) -> float:
+    """Peak lr of a param group, read from the config (not the checkpoint: a resumed run may change it), times the
+    `lr_scale` of train.adamw_lr_scaling (`d_model`: the model's width, which that rule needs)."""
     if name == "muon":
         return train_cfg.muon_lr
     if name == "embedding":
-        return train_cfg.embed_lr or train_cfg.lr
+        return (train_cfg.embed_lr or train_cfg.lr) * lr_scale(name, train_cfg, d_model)
     if name == "head":
-        return train_cfg.head_lr or train_cfg.lr
+        return (train_cfg.head_lr or train_cfg.lr) * lr_scale(name, train_cfg, d_model)
     if name in GROUPS:
         return train_cfg.lr
     raise ValueError(f"param group {name!r} is not one of loopstack's groups {list(GROUPS)}")
 
 
-def set_lr(optimizer: Any, step: int, train_cfg: Any) -> float:
+def set_lr(optimizer: Any, step: int, train_cfg: Any, d_model: int | None = None) -> float:
     """Set every group's lr to its base lr times `lr_at(step)`; returns the multiplier.
 
-    `optimizer` is ours or any DeepSpeed wrapper of it (they all expose the same `param_groups`).
+    `optimizer` is ours or any DeepSpeed wrapper of it (they all expose the same `param_groups`). Each group carries
+    the model's `d_model` from `build_param_groups` (an architecture constant, so a checkpoint's copy is the same).
     """
     mult = lr_at(step, train_cfg)
     for group in optimizer.param_groups:
-        group["lr"] = group_base_lr(group["name"], train_cfg) * mult
+        # d_model: a group restored from a checkpoint written before groups carried it takes the caller's
+        group["lr"] = group_base_lr(group["name"], train_cfg, group.get("d_model") or d_model) * mult
     return mult
 
 
 # --- param groups ---------------------------------------------------------------------------------
 
-def build_param_groups(model: torch.nn.Module, param_roles: Mapping[str, str], train_cfg: Any) -> list[dict]:
-    """Trainable parameters sorted into the named groups, each with its lr and weight decay."""
+def build_param_groups(model: torch.nn.Module, param_roles: Mapping[str, str], train_cfg: Any, *,
+                       d_model: int | None = None) -> list[dict]:
+    """Trainable parameters sorted into the named groups, each with its lr and weight decay, and the model's width
+    `d_model` (default: `model.cfg.d_model` when the model has a config; train.adamw_lr_scaling reads it)."""
+    if d_model is None:
+        d_model = getattr(getattr(model, "cfg", None), "d_model", None)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     missing = [n for n, _ in named if n not in param_roles]  # extra names (frozen, tied aliases) are fine
     unknown = sorted({r for r in param_roles.values() if r not in ROLES})
@@ -115,7 +141,8 @@ def build_param_groups(model: torch.nn.Module, param_roles: Mapping[str, str], t
         else:
             members["adamw_no_decay"].append(p)
     decay = {"muon": train_cfg.muon_weight_decay, "adamw_decay": train_cfg.weight_decay}
-    return [dict(params=ps, name=g, kind=GROUPS[g], lr=group_base_lr(g, train_cfg), weight_decay=decay.get(g, 0.0))
+    return [dict(params=ps, name=g, kind=GROUPS[g], lr=group_base_lr(g, train_cfg, d_model),
+                 weight_decay=decay.get(g, 0.0), d_model=d_model)
             for g, ps in members.items() if ps]
 
 
@@ -228,5 +255,13 @@ def build_optimizer(model: torch.nn.Module, param_roles: Mapping[str, str], trai
     return HybridOptimizer(build_param_groups(model, param_roles, train_cfg),
                            betas=(train_cfg.beta1, train_cfg.beta2), eps=train_cfg.eps,
                            momentum=train_cfg.muon_momentum, fused=cuda, tp_group=tp_group, dp_group=dp_group,
-                           ns_dtype=torch.bfloat16 if cuda else torch.float32,
-                           muon_distributed=train_cfg.muon_distributed)
+                           ns_dtype=ns_dtype(train_cfg, device), muon_distributed=train_cfg.muon_distributed)
+
+
+def ns_dtype(train_cfg: Any, device: torch.device | None) -> torch.dtype:
+    """Muon's Newton-Schulz dtype, `train.muon_ns_dtype`: fp32 | bf16 as given; auto = bf16 on CUDA (fast, and what
+    Muon's authors use), fp32 elsewhere (CPU bf16 matmuls are slow and gain nothing)."""
+    choice = getattr(train_cfg, "muon_ns_dtype", "auto")
+    if choice == "auto":
+        choice = "bf16" if device is not None and device.type == "cuda" else "fp32"
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[choice]

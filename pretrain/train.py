@@ -41,7 +41,7 @@ from pretrain.distributed import (
 )
 from pretrain.elastic import load_full_state, save_full_state
 from pretrain.guards import DivergenceMonitor, LossGuard
-from pretrain.inference import model_vocab_size
+from pretrain.inference import RUN_DTYPES, model_vocab_size
 from pretrain.metrics import MetricsLogger, Throughput, device_peak_flops
 from pretrain.weights import check_fits, global_param_shapes
 
@@ -435,7 +435,7 @@ class Trainer:
         step = self.state.step
         loops, backprop = depth_for_step(cfg.loop, cfg.model.loops, cfg.seed, step)
         loops_max = curriculum_cap(cfg.loop, cfg.model.loops, step)  # None without a depth curriculum
-        set_lr(engine.optimizer, step, cfg.train)
+        set_lr(engine.optimizer, step, cfg.train, cfg.model.d_model)
         want_diag = bool(cfg.logging.diagnostics_every) and (step + 1) % cfg.logging.diagnostics_every == 0
         loss_sum = torch.zeros((), dtype=torch.float32, device=env.device)
         diagnostics = None
@@ -668,8 +668,9 @@ def evaluate_run(cfg: RunConfig, run_dir: Path, checkpoint: str = "auto",
         if info is None:
             raise UserError(f"{run_dir}: no complete checkpoint to evaluate")
         with user_errors_agreed():  # files only this rank reads may be refused: every rank raises the first
+            weights_dtype, model.autocast_dtype = RUN_DTYPES[cfg.train.dtype]  # bf16_autocast: fp32 + autocast
             fill_from_checkpoint(model, info, env.tp_rank, env.tp, to_dict(cfg), tokenizer, cfg.tokenizer.dir,
-                                 dtype=torch.bfloat16 if cfg.train.dtype == "bf16" else None)
+                                 dtype=weights_dtype)
         make_data = lambda: eval_data(cfg, env, tokenizer.sha256)  # noqa: E731
         if exit_rules:
             evaluate_exit(model, cfg, env, make_data, run_dir, info.step, exit_rules,

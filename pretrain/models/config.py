@@ -67,6 +67,12 @@ class ModelConfig:
                      "mask per forward; flex = FlexAttention with one block mask per forward (compiled on CUDA). "
                      "Same results; other attention (plain causal, padded prompts, KV cache, router) stays on sdpa")
     init_std: float = param(0.02, min=0.0, help="std of weight init (output projections: / sqrt(2 x layers))")
+    init: Literal["default", "nanochat"] = param(
+        "default", help="weight init rule. default: N(0, init_std), output projections N(0, init_std / sqrt(2 x "
+                        "layers)). nanochat (the FLT paper's official code, nanochat init_weights): embedding N(0, 1), "
+                        "head N(0, 0.001) (needs tie_embeddings: false), wq/wk/wv/w_up/w_gate U(+-sqrt(3 / d_model)), "
+                        "wo and w_down zero; every other parameter (position embeddings, injection adapters, Parcae "
+                        "A/B, exit gate, routers, LoRA) keeps the default rule")
     # --- loop switches: null = the variant's recipe (see RECIPES) ---
     injection: Injection | None = param(
         None, help="input into the loop state at each loop's entry: none | add (h+e) | concat (Huginn adapter) | "
@@ -144,6 +150,13 @@ class ModelConfig:
         if seq_len > self.max_positions:
             raise ConfigError(f"data.seq_len = {seq_len} is longer than model.max_positions = {self.max_positions} "
                               f"(the learned position embedding has no rows past it)")
+
+    def check_init(self) -> None:
+        """`init: nanochat` draws an untied head N(0, 0.001): a tied head would be the N(0, 1) embedding. Two keys:
+        checked on the resolved config (and at build), so `--set` flags may come in any order."""
+        if self.init == "nanochat" and self.tie_embeddings:
+            raise ConfigError("model.init = nanochat needs model.tie_embeddings: false (nanochat's head is untied, "
+                              "drawn N(0, 0.001) apart from the N(0, 1) embedding)")
 
     def check(self) -> None:
         kv = self.n_kv_heads or self.n_heads

@@ -17,8 +17,13 @@ by the projections that read it (one all-reduce for Q, K and V instead of three)
 
 Parameters are created on the CPU with megatron's `use_cpu_initialization`: the full master matrix is drawn
 from the default torch RNG and split, so the unsharded initial weights are identical for every TP size given
-the same seed (on GPU too; the model is moved to the device afterwards). Nothing here draws random numbers in
-forward (no dropout), so activation checkpointing needs no RNG bookkeeping.
+the same seed (on GPU too; the model is moved to the device afterwards). `model.init` picks the projections' init
+methods (`projection_inits`: default normal, or nanochat's uniform inputs and zero outputs). Nothing here draws
+random numbers in forward (no dropout), so activation checkpointing needs no RNG bookkeeping.
+
+The projections are megatron's parallel linears with one addition (`ColumnLinear`, `RowLinear`): under CPU
+autocast (train.dtype: bf16_autocast) they cast their operands first, since megatron's linear function re-enters
+autocast in backward only on CUDA.
 
 Per-loop LoRA (lora.py) enters through the `lora` argument of the forwards: a mapping from projection name to the
 delta of that projection's output on this rank, given its input (the replicated input for the column-parallel
@@ -31,6 +36,7 @@ mask is needed), or through FlexAttention when the mask is a block mask (`model.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Mapping
 from functools import partial
@@ -73,6 +79,21 @@ def normal_init(std: float):
     return partial(nn.init.normal_, mean=0.0, std=std)
 
 
+def uniform_init(bound: float):
+    return partial(nn.init.uniform_, a=-bound, b=bound)
+
+
+def projection_inits(cfg: ModelConfig, out_std: float) -> tuple[Callable, Callable]:
+    """The init methods of a layer's input projections (wq, wk, wv, w_up, w_gate) and output projections (wo,
+    w_down) under `model.init`. default: N(0, init_std) and N(0, out_std). nanochat (its `init_weights`): uniform in
+    +-sqrt(3 / d_model) (std 1 / sqrt(d_model), for the MLP's input projections too) and zero. megatron applies them
+    to the whole master matrix before splitting it (`use_cpu_initialization`), so every TP size gets the same
+    matrices."""
+    if cfg.init == "nanochat":
+        return uniform_init(math.sqrt(3.0 / cfg.d_model)), nn.init.zeros_
+    return normal_init(cfg.init_std), normal_init(out_std)
+
+
 def declare_role(p: nn.Parameter | None, role: str) -> nn.Parameter | None:
     """Declare a parameter's optimizer role where it is created (`pretrain.optim.ROLES`: matrix, embedding, head,
     norm, injection, lora, bias); `param_roles` reads it, and a parameter without one is an error. None passes
@@ -96,6 +117,30 @@ def sharded(p: nn.Parameter, dim: int, role: str) -> nn.Parameter:
     """Mark a parameter as split across TP ranks along `dim` (as megatron's own layers do), with its role."""
     p.tensor_model_parallel, p.partition_dim, p.partition_stride = True, dim, 1
     return declare_role(p, role)
+
+
+class _CPUAutocast:
+    """megatron's linear autograd function enters autocast in backward for CUDA only (`custom_bwd(device_type=
+    "cuda")`): under CPU autocast its forward saves an fp32 weight and its backward meets a bf16 output gradient
+    (a dtype error). On CPU under autocast this casts the input, weight and bias to the autocast dtype before the
+    function, as autocast itself would for the matmul: the function then runs wholly in that dtype, and the casts'
+    backward returns fp32 gradients to the fp32 parameters. Elsewhere (CUDA, or no autocast) nothing changes."""
+
+    def _forward_impl(self, input, weight, *args, **kwargs):  # noqa: A002 - megatron's signature
+        if input.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            dtype = torch.get_autocast_dtype("cpu")
+            input, weight = input.to(dtype), weight.to(dtype)
+            if kwargs.get("bias") is not None:
+                kwargs["bias"] = kwargs["bias"].to(dtype)
+        return super()._forward_impl(input, weight, *args, **kwargs)
+
+
+class ColumnLinear(_CPUAutocast, ColumnParallelLinear):
+    """megatron's ColumnParallelLinear, usable under CPU autocast (`_CPUAutocast`)."""
+
+
+class RowLinear(_CPUAutocast, RowParallelLinear):
+    """megatron's RowParallelLinear, usable under CPU autocast (`_CPUAutocast`)."""
 
 
 # per-loop LoRA (lora.py): projection name -> the delta of its output on this rank, given the projection's input
@@ -209,12 +254,13 @@ class Attention(nn.Module):
             raise ValueError(f"n_heads = {cfg.n_heads} and n_kv_heads = {n_kv} must be divisible by TP = {tp}")
         self.head_dim = d // cfg.n_heads
         self.n_local, self.n_local_kv = cfg.n_heads // tp, n_kv // tp
-        col = partial(ColumnParallelLinear, config=mp, init_method=normal_init(cfg.init_std),
+        in_init, out_init = projection_inits(cfg, out_std)
+        col = partial(ColumnLinear, config=mp, init_method=in_init,
                       disable_grad_reduce=True, tp_group=tp_group())  # gradient all-reduce: once, in to_tp()
         self.wq = col(d, cfg.n_heads * self.head_dim, bias=cfg.qkv_bias)
         self.wk = col(d, n_kv * self.head_dim, bias=cfg.qkv_bias)
         self.wv = col(d, n_kv * self.head_dim, bias=cfg.qkv_bias)
-        self.wo = RowParallelLinear(cfg.n_heads * self.head_dim, d, config=mp, init_method=normal_init(out_std),
+        self.wo = RowLinear(cfg.n_heads * self.head_dim, d, config=mp, init_method=out_init,
                                     bias=cfg.proj_bias, input_is_parallel=True, skip_bias_add=False,
                                     tp_group=tp_group())
         for proj in (self.wq, self.wk, self.wv, self.wo):
@@ -268,12 +314,13 @@ class MLP(nn.Module):
         hidden, tp = mlp_hidden(cfg), tp_world()
         if hidden % tp:
             raise ValueError(f"MLP width {hidden} is not divisible by TP = {tp}")
-        col = partial(ColumnParallelLinear, config=mp, init_method=normal_init(cfg.init_std), bias=cfg.proj_bias,
+        in_init, out_init = projection_inits(cfg, out_std)
+        col = partial(ColumnLinear, config=mp, init_method=in_init, bias=cfg.proj_bias,
                       disable_grad_reduce=True, tp_group=tp_group())
         self.kind = cfg.mlp
         self.w_up = col(cfg.d_model, hidden)
         self.w_gate = col(cfg.d_model, hidden) if cfg.mlp == "swiglu" else None
-        self.w_down = RowParallelLinear(hidden, cfg.d_model, config=mp, init_method=normal_init(out_std),
+        self.w_down = RowLinear(hidden, cfg.d_model, config=mp, init_method=out_init,
                                         bias=cfg.proj_bias, input_is_parallel=True, skip_bias_add=False,
                                         tp_group=tp_group())
         for proj in (self.w_up, self.w_gate, self.w_down):

@@ -60,6 +60,9 @@ diagnostics (`Recorder.observe`) watch it; early exit (`_run_with_exit`) and the
   alone), or learned absolute embeddings added to the token embedding before the prelude (GPT-2; no rotary; a
   packed document keeps its offset in the row, as GPT-2 was trained; at most model.max_positions positions, a
   ValueError beyond, cached ones included).
+- autocast (`autocast_dtype`, train.dtype: bf16_autocast): the whole forward, loss included, runs under
+  torch.autocast to that dtype over fp32 parameters (`_under_autocast`); the trainer, `loopstack eval` and
+  `load_run` set it from the run's train.dtype, so evaluation and generation compute as training did.
 - random h_0 (Huginn, Parcae): fresh truncated-normal noise every call in training mode, from a generator seeded
   at build (identical on every TP rank; not in the state_dict: the trainer saves it per rank with
   `noise_state()` and restores it, so a resumed run draws what an uninterrupted one would);
@@ -69,12 +72,13 @@ diagnostics (`Recorder.observe`) watch it; early exit (`_run_with_exit`) and the
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
+from functools import partial, wraps
 from typing import Any
 
 import torch
-from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding, vocab_parallel_cross_entropy
+from megatron.core.tensor_parallel import VocabParallelEmbedding, vocab_parallel_cross_entropy
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -85,6 +89,7 @@ from pretrain.models.diagnostics import EarlyExit, ExitRule, LoopDiagnostics, Re
 from pretrain.models.exit_gate import ExitGate, GateExit, exit_objective, gate_only_objective
 from pretrain.models.generate import ExitKV, KVCache, generate
 from pretrain.models.layers import (
+    ColumnLinear,
     Layer,
     PositionEmbedding,
     declare_role,
@@ -164,6 +169,22 @@ class _PerSequence:
         return h_next
 
 
+def _under_autocast(forward: Callable) -> Callable:
+    """Run `forward` under torch.autocast(model.autocast_dtype) on the tokens' device when the model has one set and
+    autocast is not already on (train.dtype: bf16_autocast, as nanochat runs its forward and loss). Backward, outside
+    the forward, is not autocast (as torch recommends); activation checkpointing recomputes under the same state."""
+
+    @wraps(forward)
+    def wrapped(self: LoopedLM, tokens: torch.Tensor, *args: Any, **kwargs: Any) -> LoopedOutput:
+        dtype = self.autocast_dtype
+        if dtype is None or torch.is_autocast_enabled(tokens.device.type):
+            return forward(self, tokens, *args, **kwargs)
+        with torch.autocast(tokens.device.type, dtype=dtype):
+            return forward(self, tokens, *args, **kwargs)
+
+    return wrapped
+
+
 class LoopedLM(nn.Module):
     """The looped LM; see the module docstring for the forward contract. Build it with `build_model`."""
 
@@ -179,8 +200,12 @@ class LoopedLM(nn.Module):
         sw, d, mp = self.switches, cfg.d_model, parallel_config(dtype)
         out_std = cfg.init_std / math.sqrt(2 * (cfg.n_prelude + cfg.n_core + cfg.n_coda))
 
+        cfg.check_init()
+        # model.init: nanochat draws the embedding N(0, 1) and the (untied) head N(0, 0.001); layers.projection_inits
+        nanochat = cfg.init == "nanochat"
         # construction order fixes the RNG stream: keep it independent of TP
-        self.embed = VocabParallelEmbedding(padded_vocab(vocab_size), d, init_method=normal_init(cfg.init_std),
+        self.embed = VocabParallelEmbedding(padded_vocab(vocab_size), d,
+                                            init_method=normal_init(1.0 if nanochat else cfg.init_std),
                                             config=mp, tp_group=tp_group())
         # learned absolute positions (GPT-2), replicated; drawn only when present, so rotary models are unchanged
         self.pos_embed = (PositionEmbedding(cfg.max_positions, d, cfg.init_std, dtype)
@@ -195,9 +220,9 @@ class LoopedLM(nn.Module):
         self.outer_norm = make_norm(cfg.norm_kind, d, sw.norm_affine, dtype, cfg.norm_eps) if sw.outer_norm else None
         self.injection.bind_exit(self.outer_norm)
         self.norm = make_norm(cfg.norm_kind, d, sw.norm_affine, dtype, cfg.norm_eps)
-        self.lm_head = ColumnParallelLinear(d, padded_vocab(vocab_size), config=mp, bias=False,
-                                            init_method=normal_init(cfg.init_std),
-                                            skip_weight_param_allocation=cfg.tie_embeddings, tp_group=tp_group())
+        self.lm_head = ColumnLinear(d, padded_vocab(vocab_size), config=mp, bias=False,
+                                    init_method=normal_init(1e-3 if nanochat else cfg.init_std),
+                                    skip_weight_param_allocation=cfg.tie_embeddings, tp_group=tp_group())
         declare_role(self.embed.weight, "embedding")
         declare_role(self.lm_head.weight, "head")  # None when tied
         # the random initial state has its own generator, seeded from the default RNG (same on every TP rank)
@@ -212,6 +237,9 @@ class LoopedLM(nn.Module):
         # the loss computes the logits of at most this many tokens at a time (0 = all at once): set from outside
         # by the trainer (train.loss_chunk_tokens), like compilation; the same loss to fp32 rounding
         self.loss_chunk = 0
+        # the forward (and its loss) runs under torch.autocast to this dtype when set (train.dtype: bf16_autocast,
+        # parameters in fp32): set from outside, by the engine and the checkpoint loaders; None = no autocast
+        self.autocast_dtype: torch.dtype | None = None
         # Mixture-of-Recursions routers (routing.py), created after everything else so that without them (router
         # none) and with them every other initial weight is the same
         cfg.check_router(loop_cfg)
@@ -223,6 +251,7 @@ class LoopedLM(nn.Module):
 
     # --- the forward pass -------------------------------------------------------------------------------------
 
+    @_under_autocast
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None, *, loops: int | None = None,
                 backprop_loops: int | None = None, diagnostics: bool = False, doc_ids: torch.Tensor | None = None,
                 exit_epsilon: float | None = None, loss_on: str | None = None, return_logits: bool = False,
@@ -413,6 +442,8 @@ class LoopedLM(nn.Module):
         """Final norm -> head on this rank's vocabulary shard, soft-capped, padding ids at -inf."""
         weight = self.embed.weight if self.cfg.tie_embeddings else None
         logits = self.lm_head(self.norm(h), weight=weight)[0]
+        if torch.is_autocast_enabled(logits.device.type):  # bf16_autocast: soft-cap and loss in fp32, as nanochat
+            logits = logits.float()
         c = self.cfg.logit_softcap
         if c > 0:
             logits = c * torch.tanh(logits / c)
