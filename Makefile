@@ -6,7 +6,7 @@ TORCH   := torch==2.13.0
 STAMP   := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install quickstart test lint bench clean
+.PHONY: install quickstart test lint bench bench-gpu clean
 
 install: $(STAMP)
 
@@ -30,6 +30,14 @@ test: install lint
 
 bench: install
 	$(BIN)/python -m benchmarks.run $(BENCH)
+
+# The GPU check (benchmarks/gpu.py, README "GPU benchmark"): smoke + throughput in one budgeted command, results in
+# benchmarks/results/gpu.json. No install step: on a GPU box after `make install` it uses .venv, elsewhere (the
+# device machine) python3, which installs the wheels carried in .whl/ (scripts/gpu_wheels.sh) into /tmp/site
+# itself. GPU_ARGS=--tiny runs the same code paths on CPU in seconds (results to a temporary path).
+GPU_PY   ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+bench-gpu:
+	PYTHONUNBUFFERED=1 $(GPU_PY) -m benchmarks.gpu $(GPU_ARGS)
 
 clean:
 	rm -rf runs/quickstart .pytest_cache

@@ -12,6 +12,10 @@ runs come from `MuonStats` (counted from the shapes as the step runs; see pretra
 cores the two processes share the cores, so time is the less telling number; bytes and FLOPs are exact.
 The chunked loss (`chunked_loss`, one process): bytes autograd saves for backward, whole-batch cross-entropy vs
 `train.loss_chunk_tokens`, on a model whose 32k-token vocabulary makes the logits the largest activation.
+Compiled vs eager (`compile_vs_eager`, one process): a training step (forward, backward, AdamW) of a tiny FLT with
+its core layers compiled as `train.compile: true` compiles them (`compile_model`) against the same model eager: the
+first step's cost (the compile), then the step time, the two models' steps alternating, and their losses side by
+side. On a shared CPU the times are noisy (the load average is recorded); the GPU numbers are benchmarks/gpu.py's.
 Run: python -m benchmarks.bench_step  (writes benchmarks/results/step.json)
 """
 
@@ -198,6 +202,7 @@ def main() -> dict:
                 "collective (MuonStats); zero12 includes 16 B per matrix of fragment addresses",
     }
     results["chunked_loss"] = chunked_loss()
+    results["compile"] = compile_vs_eager()
     write_result("step", results)
     return results
 
@@ -243,6 +248,93 @@ def chunked_loss(vocab: int = 32768, tokens: int = 1024, chunk: int = 256) -> di
                         "step_ms_min": 1000 * min(times[1:]), "loss": float(loss.detach())}
             print(f"loss {key:8s}: {sum(sizes) / 2**20:8.1f} MB saved for backward (largest tensor "
                   f"{max(sizes) / 2**20:.1f} MB), step {1000 * min(times[1:]):.0f} ms")
+    finally:
+        shutdown()
+    return out
+
+
+def compile_vs_eager(steps: int = 10, warmup: int = 3) -> dict:
+    """`train.compile`: step time of a tiny FLT (d_model 128, 2 core layers x 4 loops, 4 x 128 tokens, vocabulary
+    512) with the core layers compiled (`compile_model`) vs eager, on CPU, one process. Each model's first step is
+    timed apart (the compile, cold: inductor gets an empty cache directory for this measurement; one intra-op
+    thread for both models), then `warmup` more
+    steps each, then `steps` steps alternating between the two (so load from elsewhere hits both alike); losses of
+    the same steps side by side (the same initial weights, data and AdamW)."""
+    import shutil
+    import tempfile
+
+    import torch
+
+    cold = tempfile.mkdtemp(prefix="bench-step-inductor-")
+    before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cold
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread each: on an oversubscribed machine more threads only add spin-waiting
+    try:
+        return _compile_vs_eager(steps, warmup)
+    finally:
+        torch.set_num_threads(threads)
+        if before is None:
+            os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+        else:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = before
+        shutil.rmtree(cold, ignore_errors=True)
+
+
+def _compile_vs_eager(steps: int, warmup: int) -> dict:
+    import torch
+
+    from pretrain.distributed import init_distributed, shutdown
+    from pretrain.models import build_model
+    from pretrain.models.compile import compile_model, compile_stats
+    from pretrain.models.config import LoopConfig, ModelConfig
+
+    cfg = ModelConfig(variant="flt", d_model=128, n_heads=4, n_core=2, loops=4)
+    out: dict = {"model": {"variant": cfg.variant, "d_model": cfg.d_model, "n_core": cfg.n_core, "loops": cfg.loops,
+                           "batch": 4, "seq_len": 128, "vocab": 512},
+                 "dynamo_disabled": os.environ.get("TORCHDYNAMO_DISABLE", "0") == "1"}
+    init_distributed(tp=1, seed=0)
+    try:
+        x = torch.randint(0, 512, (4, 129), generator=torch.Generator().manual_seed(0))
+        runs = {}
+        for name in ("eager", "compiled"):
+            torch.manual_seed(0)
+            model = build_model(cfg, LoopConfig(), 512, device="cpu")
+            if name == "compiled":
+                compile_model(model)
+            runs[name] = (model, torch.optim.AdamW(model.parameters(), lr=1e-3), [], [])
+
+        def step(name: str) -> None:
+            model, opt, times, losses = runs[name]
+            start = time.perf_counter()
+            loss = model(x[:, :-1], x[:, 1:]).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            times.append(time.perf_counter() - start)
+            losses.append(float(loss.detach()))
+
+        for name in runs:
+            for _ in range(1 + warmup):
+                step(name)
+        for i in range(steps):
+            for name in ("eager", "compiled") if i % 2 == 0 else ("compiled", "eager"):
+                step(name)
+        for name, (_, _, times, losses) in runs.items():
+            out[name] = {"first_step_s": times[0], "step_ms_median": statistics.median(times[1 + warmup:]) * 1e3,
+                         "step_ms_min": min(times[1 + warmup:]) * 1e3, "losses": losses}
+        eager, compiled = out["eager"], out["compiled"]
+        out["speedup_median"] = eager["step_ms_median"] / compiled["step_ms_median"]
+        out["speedup_min"] = eager["step_ms_min"] / compiled["step_ms_min"]
+        out["max_rel_loss_diff"] = max(abs(a - b) / abs(a) for a, b in zip(eager["losses"], compiled["losses"],
+                                                                            strict=True))
+        out["compile_stats"] = compile_stats()
+        out["load_average_1min_after"] = os.getloadavg()[0]
+        out["note"] = (f"one process on CPU, one thread, fp32; {steps} steps per model after its first step and "
+                       f"{warmup} more, the two alternating; the first step includes the compile (cold inductor "
+                       "cache); noisy on a shared machine")
+        print(f"compile: eager {eager['step_ms_min']:.1f} ms vs compiled {compiled['step_ms_min']:.1f} ms (min), "
+              f"first compiled step {compiled['first_step_s']:.1f} s, losses within {out['max_rel_loss_diff']:.1e}")
     finally:
         shutdown()
     return out

@@ -8,10 +8,14 @@ import sys
 
 BENCHMARKS = ["benchmarks.bench_data", "benchmarks.bench_models", "benchmarks.bench_trainer",
               "benchmarks.bench_checkpoint", "benchmarks.bench_step", "benchmarks.bench_adaptive"]
+# needs a GPU (or --tiny): not part of `make bench`'s sweep, run by name (`python -m benchmarks.run gpu`) or
+# `make bench-gpu`
+ON_REQUEST = ["benchmarks.gpu"]
 
 
 def main(argv: list[str]) -> int:
     chosen = [b for b in BENCHMARKS if not argv or any(a in b for a in argv)]
+    chosen += [b for b in ON_REQUEST if argv and any(a in b for a in argv)]
     failed = []
     for name in chosen:
         print(f"== {name}", flush=True)
