@@ -20,6 +20,7 @@ COMMANDS = [
     "pretrain.cli",  # train, eval
     "pretrain.use_cli",  # generate, export, convert, harness
     "launch.cli",  # launch ...
+    "pretrain.research.cli",  # research stability|extrapolate
 ]
 
 

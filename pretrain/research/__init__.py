@@ -1,0 +1,1 @@
+"""Research harness: controlled sweeps of looped variants (`loopstack research`); see docs/research/."""
