@@ -8,7 +8,8 @@ how many workers build it.
 from __future__ import annotations
 
 import contextlib
-import itertools
+import json
+import os
 import signal
 import sys
 from collections.abc import Iterator
@@ -20,7 +21,6 @@ from data_pipeline.shards import ShardWriter
 from data_pipeline.sources import MiB, Source, Unit, read_unit
 from data_pipeline.tokenizer import Tokenizer
 from loopstack.errors import UserError
-from loopstack.fileio import atomic_write_json
 
 BATCH_CHARS = 1 << 20  # characters per encode call (and per Arrow record batch, roughly)
 SEGMENT_CHARS = 1 << 20  # longer documents are encoded piecewise, cut at line ends
@@ -54,15 +54,21 @@ def _segments(text: str) -> Iterator[str]:
 
 
 def encode_documents(tok: Tokenizer, texts: list[str], dtype: str) -> tuple[np.ndarray, np.ndarray]:
-    """(lengths, tokens): every document encoded and EOS-terminated, concatenated into one array."""
-    ids = tok.encode_batch([t if len(t) <= SEGMENT_CHARS else "" for t in texts])
+    """(lengths, tokens): every document encoded and EOS-terminated, concatenated into one array.
+
+    One batched encode call for the documents of a batch; each document's ids (int32 arrays from sentencepiece)
+    are copied once, cast on the way, into their slot of the preallocated token array.
+    """
+    ids = tok.encode_ids([t if len(t) <= SEGMENT_CHARS else "" for t in texts])
     for i, text in enumerate(texts):
         if len(text) > SEGMENT_CHARS:  # bounded work and memory per encode call
-            ids[i] = [t for seg in _segments(text) for t in tok.encode(seg)]
-    for x in ids:
-        x.append(tok.eos_id)
-    lengths = np.fromiter(map(len, ids), np.int64, count=len(ids))
-    values = np.fromiter(itertools.chain.from_iterable(ids), np.dtype(dtype), count=int(lengths.sum()))
+            ids[i] = np.concatenate([np.asarray(x, np.int64) for seg in _segments(text) for x in tok.encode_ids([seg])])
+    lengths = np.fromiter((len(x) + 1 for x in ids), np.int64, count=len(ids))
+    ends = np.cumsum(lengths)
+    values = np.empty(int(ends[-1]) if len(ends) else 0, np.dtype(dtype))
+    values[ends - 1] = tok.eos_id
+    for x, end in zip(ids, ends.tolist(), strict=True):
+        values[end - 1 - len(x):end - 1] = x
     return lengths, values
 
 
@@ -115,8 +121,17 @@ def build_unit(index: int) -> dict:
         raise
     receipt = {"unit": index, "source": src.name, "documents": docs, "tokens": tokens,
                "skipped": dict(sorted(skipped.items())), "skipped_examples": examples, "shards": parts}
-    atomic_write_json(ctx.out / WORK / f"unit-{index:06d}.json", {"key": ctx.keys[index], **receipt})
+    _write_receipt(ctx.out / WORK / f"unit-{index:06d}.json", {"key": ctx.keys[index], **receipt})
     return receipt
+
+
+def _write_receipt(path: Path, receipt: dict) -> None:
+    """Write a receipt atomically (temp name + rename) but without fsync: a receipt is only a claim that a resumed
+    run checks (every shard it names is hashed again), so one lost or torn by a crash just rebuilds its unit, and
+    the shards themselves were fsynced before. Two fsyncs less per unit (of three)."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(receipt, indent=1) + "\n")
+    os.replace(tmp, path)
 
 
 def worker_init() -> None:

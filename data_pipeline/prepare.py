@@ -178,18 +178,39 @@ def _discard(out: Path, units: list[int]) -> None:
         (out / WORK / f"unit-{u:06d}.json").unlink(missing_ok=True)
 
 
-def _run(ctx: Context, todo: list[int], workers: int, verbose: bool) -> list[dict]:
-    """Build the units in `todo` with `workers` processes, biggest first; a progress bar on a terminal."""
+class _NoBar:
+    """What `_run` calls on a progress bar, doing nothing: no bar off a terminal (as tqdm's disable=None decides),
+    and then tqdm is not even imported (its import is start-up time of every `prepare`)."""
+
+    n = 0
+
+    def update(self, n: int) -> None:
+        self.n += n
+
+    def set_postfix_str(self, text: str, refresh: bool = True) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_bar(total: int, verbose: bool):
+    if not (verbose and sys.stderr.isatty()):
+        return _NoBar()
     from tqdm import tqdm
 
+    return tqdm(total=total, unit="B", unit_scale=True, desc="prepare", file=sys.stderr, dynamic_ncols=True)
+
+
+def _run(ctx: Context, todo: list[int], workers: int, verbose: bool) -> list[dict]:
+    """Build the units in `todo` with `workers` processes, biggest first; a progress bar on a terminal."""
     todo = sorted(todo, key=lambda u: (-ctx.units[u].size, u))
     total = sum(ctx.units[u].size for u in todo)
     ctx.progress = mp.get_context("fork").Array("q", 3) if workers > 1 else None
     encode._CTX = ctx
     # fork before tqdm starts its monitor thread: the workers inherit a single-threaded process
     pool = mp.get_context("fork").Pool(workers, initializer=worker_init) if workers > 1 else None
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc="prepare", disable=None if verbose else True,
-               file=sys.stderr, dynamic_ncols=True)
+    bar = _progress_bar(total, verbose)
     t0 = time.time()
     results: list[dict] = []
 

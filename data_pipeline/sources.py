@@ -34,6 +34,7 @@ import io
 import json
 import os
 import re
+import stat
 import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -167,13 +168,12 @@ def _stat(path: str, src: Source) -> os.stat_result:
         st = os.stat(path)
     except OSError as err:
         raise UserError(f"{path}: cannot read ({err.strerror or err}) [source '{src.spec}']") from None
-    if not os.path.isfile(path):
+    if not stat.S_ISREG(st.st_mode):  # os.path.isfile's test on the stat already taken
         raise UserError(f"{path}: not a regular file [source '{src.spec}']")
     return st
 
 
-def _file_pieces(path: str, src: Source, unit_bytes: int) -> list[Piece]:
-    st = _stat(path, src)
+def _file_pieces(path: str, st: os.stat_result, unit_bytes: int) -> list[Piece]:
     fmt, comp = file_format(path)
     if fmt == "jsonl" and not comp and st.st_size > unit_bytes:
         return [Piece(path, fmt, a, min(a + unit_bytes, st.st_size), min(unit_bytes, st.st_size - a), st.st_mtime_ns)
@@ -246,7 +246,7 @@ def plan_units(sources: list[Source], shard_bytes: int) -> tuple[list[Unit], int
     keep every worker busy, big ones get shards of the configured size. Depends on the file list and
     sizes only.
     """
-    per_source: list[tuple[list[str] | None, Source]] = []
+    per_source: list[tuple[list[tuple[str, os.stat_result]] | None, Source]] = []
     total = 0
     for src in sources:
         if src.is_hf:
@@ -254,14 +254,14 @@ def plan_units(sources: list[Source], shard_bytes: int) -> tuple[list[Unit], int
             total += ds.data.nbytes if saved else 0
             per_source.append((None, src))
             continue
-        files = source_files(src)
+        files = [(p, _stat(p, src)) for p in source_files(src)]  # one stat per file for the whole plan
         per_source.append((files, src))
-        total += sum(_stat(p, src).st_size for p in files)
+        total += sum(st.st_size for _, st in files)
     unit_bytes = max(1, min(shard_bytes, max(MiB, -(-total // 256))))
     units: list[Unit] = []
     for s, (files, src) in enumerate(per_source):
         pieces = _hf_pieces(src, unit_bytes) if files is None else [
-            p for f in files for p in _file_pieces(f, src, unit_bytes)]
+            p for f, st in files for p in _file_pieces(f, st, unit_bytes)]
         group: list[Piece] = []
         size = 0
         for piece in pieces:

@@ -264,6 +264,17 @@ def test_data_commands_do_not_import_torch(prepared):
     assert "documents" in out.stdout and "--- document" in out.stdout
 
 
+def test_prepare_imports_neither_pandas_nor_tqdm_off_a_terminal(tok_dir, tmp_path):
+    """`pa.array(ndarray)` imports pandas (~0.3 s in every forked worker) and tqdm is only for a terminal: both
+    were start-up time of every prepare. One worker runs in this process, so its imports show here."""
+    code = ("import sys; from data_pipeline.prepare import prepare; "
+            "prepare(['stdlib:json/*.py'], sys.argv[1], sys.argv[2], workers=1, verbose=False); "
+            "print(sorted(m for m in ('pandas', 'tqdm', 'torch', 'datasets') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, str(tok_dir), str(tmp_path / "out")], capture_output=True,
+                         text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
 def test_merge_without_slices_is_an_error(tmp_path):
     with pytest.raises(UserError, match="no slice manifests"):
         merge(tmp_path)
