@@ -334,15 +334,10 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 
 def _read_events(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:  # a line cut by a kill
-            continue
-    return out
+    """A child's events file (JSON lines; a line cut by a kill is skipped)."""
+    from pretrain.metrics import read_jsonl
+
+    return read_jsonl(path)
 
 
 def _all_events(work: Path, kind: str) -> list[dict]:

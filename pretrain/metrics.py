@@ -45,9 +45,9 @@ def format_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
-def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
-    """The records of a run's metrics.jsonl ([] if there is none), skipping a line torn by a kill mid-write."""
-    path = Path(run_dir) / "metrics.jsonl"
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The records of a JSON-lines file ([] if there is none), skipping a line torn by a kill mid-write."""
+    path = Path(path)
     if not path.exists():
         return []
     out = []
@@ -57,6 +57,11 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
         except ValueError:
             continue
     return out
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
+    """The records of a run's metrics.jsonl ([] if there is none), skipping a line torn by a kill mid-write."""
+    return read_jsonl(Path(run_dir) / "metrics.jsonl")
 
 
 class MetricsLogger:
