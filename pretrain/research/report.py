@@ -31,7 +31,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from loopstack.fileio import atomic_write, atomic_write_json
-from pretrain.research.sweep import RunSpec, format_s
+from pretrain.metrics import format_duration
+from pretrain.research.sweep import RunSpec
 
 COLORS = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray",
           "tab:olive", "tab:cyan"]
@@ -233,7 +234,7 @@ def runs_table(specs: Sequence[RunSpec], results: dict[str, dict]) -> list[str]:
     lines = ["| run | status | wall time | final train loss | reason |", "|---|---|---|---|---|"]
     for spec in specs:
         r = results.get(spec.name) or {}
-        wall = format_s(r["wall_s"]) if _finite(r.get("wall_s")) else "-"
+        wall = format_duration(r["wall_s"]) if _finite(r.get("wall_s")) else "-"
         reason = (r.get("reason") or "").replace("|", "/")
         lines.append(f"| {spec.name} | {r.get('status', 'missing')} | {wall} | {_fmt(r.get('final_train_loss'))} "
                      f"| {reason} |")
@@ -246,7 +247,7 @@ def header(meta: dict, title: str) -> list[str]:
             f"Config: `{meta['config']}`, overrides: `{' '.join(meta['overrides']) or '-'}`", "",
             f"Machine: {m.get('host')} ({m.get('cpu')}, {m.get('cores')} cores, device {m.get('device', '?')}, "
             f"torch {m.get('torch', '?')}); {meta['jobs']} run(s) at a time, {meta['threads']} thread(s) each; "
-            f"this invocation took {format_s(meta['sweep_wall_s'])}, finished {meta['finished']}.", ""]
+            f"this invocation took {format_duration(meta['sweep_wall_s'])}, finished {meta['finished']}.", ""]
 
 
 def write_report(out: Path, specs: Sequence[RunSpec], results: dict[str, dict], meta: dict) -> Path:

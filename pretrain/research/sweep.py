@@ -40,6 +40,7 @@ from pathlib import Path
 
 from loopstack.errors import UserError
 from loopstack.fileio import atomic_write_json
+from pretrain.metrics import format_duration
 
 ROOT = Path(__file__).resolve().parents[2]
 FINISHED = ("ok", "diverged")  # statuses that are never redone
@@ -113,20 +114,16 @@ def parse_list(text: str, flag: str, valid: Sequence[str]) -> list[str]:
 
 def default_jobs(threads: int) -> int:
     """Runs at a time: the cores this process may use, divided by the threads each run gets."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return max(1, cores // max(threads, 1))
+    from data_pipeline.prepare import cpu_count
+
+    return max(1, cpu_count() // max(threads, 1))
 
 
 def machine() -> dict:
     """What the numbers were measured on (for the report)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    info = {"host": platform.node(), "cpu": platform.processor() or platform.machine(), "cores": cores,
+    from data_pipeline.prepare import cpu_count
+
+    info = {"host": platform.node(), "cpu": platform.processor() or platform.machine(), "cores": cpu_count(),
             "python": platform.python_version()}
     try:
         import torch
@@ -192,7 +189,7 @@ def run_sweep(specs: Sequence[RunSpec], out: str | os.PathLike, *, jobs: int, th
             elapsed = time.perf_counter() - started
             eta = sum(done_walls) / len(done_walls) * left / max(jobs, 1)
             say(f"[{len(done_walls)}/{total}] {spec.name}: {describe(result)} ({result.get('wall_s', 0):.0f} s) | "
-                f"elapsed {format_s(elapsed)}, eta {format_s(eta)}")
+                f"elapsed {format_duration(elapsed)}, eta {format_duration(eta)}")
 
     if threading.current_thread() is threading.main_thread():  # SIGTERM stops the sweep as Ctrl-C does
         signal.signal(signal.SIGTERM, _interrupt)
@@ -221,13 +218,6 @@ def describe(result: dict) -> str:
     if status == "ok" and result.get("summary"):
         return f"ok, {result['summary']}"
     return f"{status}: {result.get('reason', '')}" if status != "ok" else "ok"
-
-
-def format_s(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    m, s = divmod(seconds, 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
 def run_one(spec: RunSpec, paths: SweepPaths, threads: int, procs: dict) -> dict:
