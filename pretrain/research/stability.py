@@ -7,7 +7,8 @@ learning rates, token budget and schedule: only `model.variant`, `model.loops` a
 per-loop `diag/*` from metrics.jsonl, the gradient-oscillation statistic), `evaluate` measures the final model:
 
 - held-out loss at each test-time loop count (`test_loops`: 1, L/2, L, 3L/2, 2L for a run trained at L loops), on
-  the run's held-out stream (`pretrain.train.eval_data`, the same sequences `loopstack eval` uses);
+  the run's held-out stream (`pretrain.train.eval_data`, the same sequences `loopstack eval` uses): the trainer's own
+  final eval (`eval/step_<N>.json`, the run's eval.loops are its test loops), measured here only if that is missing;
 - per-loop state norms and relative changes on one fixed held-out batch (the first eval batch) at each of those loop
   counts, from the model's own `forward(..., diagnostics=True)` (`LoopDiagnostics`): what the report plots as the
   final per-loop state norm, and what the tests recompute from the checkpoint.
@@ -62,6 +63,19 @@ def loop_diagnostics(model, batch, loops: int) -> dict:
     return {"state_norm": out.diagnostics.state_norm, "rel_change": out.diagnostics.rel_change}
 
 
+def trainer_eval(run_dir: Path, step: int, loops: list[int]) -> dict[int, float] | None:
+    """The held-out loss the trainer measured at the end of training (`eval/step_<step>.json`: the same
+    `loss_vs_loops` on the same eval stream, since every run sets eval.loops to its test-time loops), or None when
+    that file is missing or lacks one of `loops`."""
+    import json
+
+    try:
+        record = json.loads((run_dir / "eval" / f"step_{step}.json").read_text())["loss_vs_loops"]
+        return {n: float(record[str(n)]) for n in loops}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def evaluate(spec: RunSpec, run_dir: Path) -> dict:
     """Held-out loss and final per-loop diagnostics at each test-time loop count (see the module docstring)."""
     from pretrain.evaluate import loss_vs_loops
@@ -72,8 +86,10 @@ def evaluate(spec: RunSpec, run_dir: Path) -> dict:
     cfg, model = loaded.cfg, loaded.model
     device = next(model.parameters()).device
     env = SimpleNamespace(dp_rank=0, dp=1)
-    losses = loss_vs_loops(model, lambda: eval_data(cfg, env, loaded.tokenizer.sha256), spec.test_loops,
-                           cfg.eval.batches, device)
+    losses = trainer_eval(run_dir, loaded.step, spec.test_loops)
+    if losses is None:  # the trainer's final eval is missing (or at other loop counts): measure it here
+        losses = loss_vs_loops(model, lambda: eval_data(cfg, env, loaded.tokenizer.sha256), spec.test_loops,
+                               cfg.eval.batches, device)
     batch = fixed_batch(cfg, loaded.tokenizer.sha256, device)
     final = {str(n): loop_diagnostics(model, batch, n) for n in spec.test_loops}
     held = losses[spec.loops]
