@@ -32,11 +32,12 @@ bookkeeping, gradient clearing and accumulation counters stay in step on every r
 underneath does nothing. Weights, moments, Muon momenta and Adam step counts are untouched.
 
 Host syncs (docs/performance.md, "Host syncs"). `step_deferred` takes the decision without reading it on
-the host where it can: on CUDA, with only AdamW groups (torch's fused AdamW) and ZeRO 0/1/2, the agreed
-flag goes to fused AdamW as its `found_inf` (the kernel leaves weights and moments alone and the step count
-is put back, all on device), and the ZeRO-0 clip is computed on device. Elsewhere (CPU, any Muon group,
-ZeRO-3) the flag is read on the host and `HybridOptimizer.skip_next_step` vetoes the step as before; on CPU
-reading a tensor is no sync at all.
+the host where it can: on CUDA with ZeRO 0/1/2, the agreed flag goes to the optimizer as a device tensor:
+fused AdamW takes it as its `found_inf` (the kernel leaves weights and moments alone and the step count is
+put back, all on device) and Muon groups pick, per tensor and on the device, the old or the new weights and
+momenta; the ZeRO-0 clip is computed on device. Elsewhere (CPU, ZeRO-3, whose own DeepSpeed step reads its
+grad norm on the host anyway) the flag is read on the host and `HybridOptimizer.skip_next_step` vetoes the
+step as before; on CPU reading a tensor is no sync at all.
 """
 
 from __future__ import annotations
@@ -120,7 +121,8 @@ class Engine:
     Anything not defined here (`module`, `optimizer`, `global_steps`, `train()`, ...) is DeepSpeed's.
     """
 
-    def __init__(self, ds_engine: Any, optimizer: HybridOptimizer, guard: _FiniteGuard, cfg: Any, env: DistEnv):
+    def __init__(self, ds_engine: Any, optimizer: HybridOptimizer, guard: _FiniteGuard, cfg: Any, env: DistEnv,
+                 device_skip: bool | None = None):
         self.ds = ds_engine
         self.base_optimizer = optimizer
         self._guard = guard
@@ -128,8 +130,10 @@ class Engine:
         self._last_skip: torch.Tensor | bool = False
         self._skip_count: torch.Tensor | int = 0
         self._grad_norm: torch.Tensor | float = math.nan
-        # decide a skip on the device, with no host read (module docstring): fused AdamW only, ZeRO 0-2
-        self.device_skip = (env.device.type == "cuda" and cfg.parallel.zero_stage < 3 and optimizer.masks_on_device)
+        # decide a skip on the device, with no host read (module docstring): ZeRO 0-2, fused AdamW (if any);
+        # by default on CUDA only (on CPU a read costs nothing); `build_engine(device_skip=True)` forces it
+        wanted = env.device.type == "cuda" if device_skip is None else device_skip
+        self.device_skip = wanted and cfg.parallel.zero_stage < 3 and optimizer.masks_on_device
 
     def __getattr__(self, name: str) -> Any:  # only called for names not found on the wrapper
         ds = self.__dict__.get("ds")
@@ -316,8 +320,12 @@ def _use_safe_checkpoint_engine(ds_engine: Any) -> None:
         ds_engine._copy_recovery_script = guarded_copy
 
 
-def build_engine(model: torch.nn.Module, cfg: Any, env: DistEnv, param_roles: Mapping[str, str]) -> Engine:
-    """`deepspeed.initialize` for `model` with our optimizer, config and megatron's groups."""
+def build_engine(model: torch.nn.Module, cfg: Any, env: DistEnv, param_roles: Mapping[str, str], *,
+                 device_skip: bool | None = None) -> Engine:
+    """`deepspeed.initialize` for `model` with our optimizer, config and megatron's groups.
+
+    `device_skip` (None = on CUDA only): decide a skipped step on the device (`Engine.step_deferred`); True on CPU
+    runs the same path there (fused AdamW on CPU), which is how the tests check it."""
     prepare_deepspeed()
     # DeepSpeed asserts LOCAL_RANK is set; a plain `python` single process (no torchrun) has none
     os.environ.setdefault("LOCAL_RANK", str(env.local_rank))
@@ -332,7 +340,7 @@ def build_engine(model: torch.nn.Module, cfg: Any, env: DistEnv, param_roles: Ma
     if hasattr(model, "autocast_dtype"):  # train.dtype bf16_autocast: the model's forward and loss under autocast
         model.autocast_dtype = RUN_DTYPES[cfg.train.dtype][1]
     optimizer = build_optimizer(model, param_roles, cfg.train, tp_group=tp_group, dp_group=dp_group,
-                                device=env.device)
+                                device=env.device, fused=device_skip or None)
     guard = _FiniteGuard([p for p in model.parameters()], env.device)
     # DeepSpeed's bf16 ZeRO-0 wrapper primes optimizer state with a zero-gradient step(); for AdamW that
     # would already apply one weight decay and advance the bias correction, so it must be a no-op.
@@ -350,4 +358,4 @@ def build_engine(model: torch.nn.Module, cfg: Any, env: DistEnv, param_roles: Ma
         # module (a tied head reading the embedding) must be registered there, or it is seen partitioned (empty)
         for module, param in getattr(model, "external_parameters", lambda: [])():
             deepspeed.zero.register_external_parameter(module, param)
-    return Engine(ds_engine, optimizer, guard, cfg, env)
+    return Engine(ds_engine, optimizer, guard, cfg, env, device_skip=device_skip)

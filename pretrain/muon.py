@@ -52,8 +52,10 @@ and the result travels to the ranks that need it:
   traffic at all, a straddler's fragments go to its owner and the result's fragments come back (two
   all-to-alls, only over the straddlers). The redundant path all-reduces every zero-filled matrix
   (~2(W-1)/W x all Muon parameters per rank). Equal partitions are near-equal FLOPs when the matrices
-  share their short side (a transformer's d_model). Fragment positions differ between ranks, so each step
-  first all-gathers the (start, length) pairs, 16 bytes per matrix per rank.
+  share their short side (a transformer's d_model). Fragment positions differ between ranks, so the first
+  step all-gathers the (start, length) pairs, 16 bytes per matrix per rank, and keeps the plan (`_flat_plan`).
+* A skip decided on the device (`keep`, from `HybridOptimizer.skip_flag`): every step function runs in full and
+  then keeps the old momentum and weights bit for bit (`momentum_update`, `apply_update_`), with no host read.
 * ZeRO 3: every rank holds 1/W of every matrix, so owners are balanced by FLOPs (`assign_owners`); each
   rank sends owner(k) its chunk of matrix k and the owner sends each rank its chunk of the result: two
   all-to-alls, ~2(W-1)/W x (the rank's partition) per rank, against the redundant path's all-gather of
@@ -259,31 +261,53 @@ def nesterov_(momentum: torch.Tensor, grad: torch.Tensor, beta: float) -> torch.
     return grad.lerp(momentum, beta)
 
 
-def momentum_update(p: torch.Tensor, state: dict, beta: float) -> torch.Tensor:
+def momentum_update(p: torch.Tensor, state: dict, beta: float, keep: torch.Tensor | None = None) -> torch.Tensor:
     """The Nesterov momentum update of `p` (a matrix, or a flat ZeRO partition), from its gradient (none =
-    zero) and its `momentum_buffer` in the optimizer's `state` (created on first use)."""
+    zero) and its `momentum_buffer` in the optimizer's `state` (created on first use).
+
+    `keep` (a 0-dim bool on the device, False = the step is skipped): where False the gradient is replaced by
+    the buffer itself, so the EMA `lerp` leaves the buffer exactly as it was (a + w(a - a) = a) and a
+    non-finite gradient never reaches it; no host read."""
     grad = p.grad if p.grad is not None else torch.zeros_like(p)
     st = state[p]
     if "momentum_buffer" not in st:
         st["momentum_buffer"] = torch.zeros_like(p)
-    return nesterov_(st["momentum_buffer"], grad.to(p.dtype), beta)
+    buf = st["momentum_buffer"]
+    grad = grad.to(p.dtype)
+    if keep is not None:
+        grad = torch.where(keep, grad, buf)
+    return nesterov_(buf, grad, beta)
+
+
+def apply_update_(p: torch.Tensor, update: torch.Tensor, lr: float, wd: float,
+                  keep: torch.Tensor | None = None) -> None:
+    """p <- p (1 - lr wd) - lr update (decoupled weight decay). With `keep` (0-dim device bool) False, p is
+    left bit for bit as it was: the decay factor is exactly 1 and the update exactly 0, chosen on the device.
+    With `keep` True the result is bit-identical to the unmasked form (the same kernels, the same scalars
+    rounded the same way)."""
+    if keep is None:
+        p.mul_(1 - lr * wd).add_(update, alpha=-lr)
+        return
+    # Python scalars travel as kernel arguments: no host-to-device copy (which would wait on CUDA)
+    p.mul_(torch.where(keep, 1 - lr * wd, 1.0)).add_(torch.where(keep, update, 0.0), alpha=-lr)
 
 
 @torch.no_grad()
 def muon_step_shaped(params: list[torch.Tensor], infos: list[MatrixInfo], state: dict, lr: float, wd: float,
                      beta: float, tp: TPContext, steps: int, ns_dtype: torch.dtype,
                      dp_group: dist.ProcessGroup | None = None, distributed: bool = False,
-                     stats: MuonStats | None = None) -> None:
+                     stats: MuonStats | None = None, keep: torch.Tensor | None = None) -> None:
     """ZeRO 0: params are the matrices themselves (or same-shaped fp32 masters), grads already DP-averaged.
 
     `distributed`: each DP rank orthogonalises only the matrices `assign_owners` gives it, and one DP
-    all-gather hands every rank every result; otherwise every rank orthogonalises everything."""
-    updates = [momentum_update(p, state, beta) for p in params]
+    all-gather hands every rank every result; otherwise every rank orthogonalises everything. `keep`: the
+    on-device skip (`momentum_update`, `apply_update_`); every step function takes it."""
+    updates = [momentum_update(p, state, beta, keep) for p in params]
     world, rank = _group_size_rank(dp_group)
     if not distributed or world == 1 or len({u.dtype for u in updates}) > 1:
         for p, u, info in zip(params, updates, infos, strict=True):
             o = orthogonalize(u, info, tp, steps, ns_dtype, stats)
-            p.mul_(1 - lr * wd).add_(o.to(p.dtype), alpha=-lr)
+            apply_update_(p, o.to(p.dtype), lr, wd, keep)
         return
     owners = assign_owners([i.full_shape(tp.size) for i in infos], world, steps)
     mine = [k for k, o in enumerate(owners) if o == rank]
@@ -301,7 +325,7 @@ def muon_step_shaped(params: list[torch.Tensor], infos: list[MatrixInfo], state:
         n = p.numel()
         result = gathered[at[o]:at[o] + n].view(p.shape)
         at[o] += n
-        p.mul_(1 - lr * wd).add_(result.to(p.dtype), alpha=-lr)
+        apply_update_(p, result.to(p.dtype), lr, wd, keep)
 
 
 def _owner_exchange(u: torch.Tensor, delta: torch.Tensor, infos: list[MatrixInfo], local_at: list[int],
@@ -349,41 +373,60 @@ def _owner_exchange(u: torch.Tensor, delta: torch.Tensor, infos: list[MatrixInfo
             pos += n
 
 
+def _flat_plan(flat: torch.Tensor, lp_params: list[torch.Tensor], infos: list[MatrixInfo],
+               group: dist.ProcessGroup | None, world: int, tp: TPContext, steps: int,
+               stats: MuonStats | None) -> tuple[list, list[int], list[int]]:
+    """ZeRO 1/2 distributed Muon: where every rank's fragment of each matrix is (`pieces`), who owns each
+    matrix and where this rank's fragments sit in its partition. DeepSpeed's partitions never move during an
+    engine's life, so `muon_step_flat` computes this once per partition (`plans`) and reuses it: the table
+    all-gather and its host read (`tolist`) happen at the first step only."""
+    # where each rank's fragment of each matrix is: (start in the matrix, length), 0 length = none
+    mine = torch.zeros(len(lp_params), 2, dtype=torch.int64, device=flat.device)
+    local_at = [0] * len(lp_params)
+    for k, lp in enumerate(lp_params):
+        frag = getattr(lp, "_hp_mapping", None)
+        if frag is not None:
+            mine[k, 0], mine[k, 1] = frag.lp_fragment_address.start, frag.hp_fragment_address.numel
+            local_at[k] = frag.hp_fragment_address.start
+    table = torch.empty(world * len(lp_params), 2, dtype=torch.int64, device=flat.device)
+    dist.all_gather_into_tensor(table, mine, group=group)
+    _count(stats, dp_bytes=(world - 1) * mine.numel() * mine.element_size())
+    table = table.view(world, len(lp_params), 2).tolist()
+    pieces = [[(table[r][k][0], table[r][k][1]) for r in range(world)] for k in range(len(lp_params))]
+    owners = assign_owners_by_locality([i.full_shape(tp.size) for i in infos],
+                                       [[n for _, n in row] for row in pieces], steps)
+    if tp.size > 1:  # a TP group gathers its owned matrices together: its ranks must agree on them
+        t = torch.tensor(owners + [-o for o in owners], dtype=torch.int64, device=flat.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=tp.group)
+        _count(stats, tp_bytes=2 * (tp.size - 1) * t.numel() * t.element_size() // tp.size)
+        if t[:len(owners)].tolist() != [-o for o in t[len(owners):].tolist()]:
+            raise RuntimeError("distributed Muon: TP ranks see different ZeRO 1/2 partitions of the Muon "
+                               "group; set train.muon_distributed=false")
+    return pieces, owners, local_at
+
+
 @torch.no_grad()
 def muon_step_flat(flat: torch.Tensor, lp_params: list[torch.Tensor], infos: list[MatrixInfo], state: dict,
                    lr: float, wd: float, beta: float, dp_group: dist.ProcessGroup | None, tp: TPContext,
                    steps: int, ns_dtype: torch.dtype, distributed: bool = False,
-                   stats: MuonStats | None = None) -> None:
-    """ZeRO 1/2: `flat` is this rank's fp32 partition of the group; `lp_params` are the model's matrices."""
-    u = momentum_update(flat, state, beta)
+                   stats: MuonStats | None = None, keep: torch.Tensor | None = None,
+                   plans: dict | None = None) -> None:
+    """ZeRO 1/2: `flat` is this rank's fp32 partition of the group; `lp_params` are the model's matrices.
+    `plans`: a dict the caller keeps for the optimizer's life, caching `_flat_plan` per partition."""
+    u = momentum_update(flat, state, beta, keep)
     delta = torch.zeros_like(flat)
     groups = [getattr(lp, "_dp_group", None) or dp_group for lp in lp_params]
     world, rank = _group_size_rank(groups[0] if groups else dp_group)
     if distributed and world > 1 and all(g is groups[0] for g in groups):
-        # where each rank's fragment of each matrix is: (start in the matrix, length), 0 length = none
-        mine = torch.zeros(len(lp_params), 2, dtype=torch.int64, device=flat.device)
-        local_at = [0] * len(lp_params)
-        for k, lp in enumerate(lp_params):
-            frag = getattr(lp, "_hp_mapping", None)
-            if frag is not None:
-                mine[k, 0], mine[k, 1] = frag.lp_fragment_address.start, frag.hp_fragment_address.numel
-                local_at[k] = frag.hp_fragment_address.start
-        table = torch.empty(world * len(lp_params), 2, dtype=torch.int64, device=flat.device)
-        dist.all_gather_into_tensor(table, mine, group=groups[0])
-        _count(stats, dp_bytes=(world - 1) * mine.numel() * mine.element_size())
-        table = table.view(world, len(lp_params), 2).tolist()
-        pieces = [[(table[r][k][0], table[r][k][1]) for r in range(world)] for k in range(len(lp_params))]
-        owners = assign_owners_by_locality([i.full_shape(tp.size) for i in infos],
-                                           [[n for _, n in row] for row in pieces], steps)
-        if tp.size > 1:  # a TP group gathers its owned matrices together: its ranks must agree on them
-            t = torch.tensor(owners + [-o for o in owners], dtype=torch.int64, device=flat.device)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=tp.group)
-            _count(stats, tp_bytes=2 * (tp.size - 1) * t.numel() * t.element_size() // tp.size)
-            if t[:len(owners)].tolist() != [-o for o in t[len(owners):].tolist()]:
-                raise RuntimeError("distributed Muon: TP ranks see different ZeRO 1/2 partitions of the Muon "
-                                   "group; set train.muon_distributed=false")
+        key = (id(flat), flat.numel(), tuple(id(lp) for lp in lp_params))
+        plan = plans.get(key) if plans is not None else None
+        if plan is None:
+            plan = _flat_plan(flat, lp_params, infos, groups[0], world, tp, steps, stats)
+            if plans is not None:
+                plans[key] = plan
+        pieces, owners, local_at = plan
         _owner_exchange(u, delta, infos, local_at, pieces, owners, groups[0], tp, steps, ns_dtype, stats)
-        flat.mul_(1 - lr * wd).add_(delta, alpha=-lr)
+        apply_update_(flat, delta, lr, wd, keep)
         return
     for lp, info in zip(lp_params, infos, strict=True):
         frag = getattr(lp, "_hp_mapping", None)
@@ -400,7 +443,7 @@ def muon_step_flat(flat: torch.Tensor, lp_params: list[torch.Tensor], infos: lis
         o = orthogonalize(whole.view(info.local_shape), info, tp, steps, ns_dtype, stats)
         if frag is not None:
             delta[lo:hi] = o.reshape(-1)[at:at + hi - lo]
-    flat.mul_(1 - lr * wd).add_(delta, alpha=-lr)
+    apply_update_(flat, delta, lr, wd, keep)
 
 
 @dataclass(frozen=True)
@@ -416,9 +459,10 @@ class Zero3Matrix:
 @torch.no_grad()
 def muon_step_zero3(flat: torch.Tensor, matrices: list[Zero3Matrix], state: dict, lr: float, wd: float,
                     beta: float, dp_group: dist.ProcessGroup | None, tp: TPContext, steps: int,
-                    ns_dtype: torch.dtype, distributed: bool = False, stats: MuonStats | None = None) -> None:
+                    ns_dtype: torch.dtype, distributed: bool = False, stats: MuonStats | None = None,
+                    keep: torch.Tensor | None = None) -> None:
     """ZeRO 3: `flat` is this rank's fp32 partition of one sub-group; `matrices` say where each matrix is."""
-    u = momentum_update(flat, state, beta)
+    u = momentum_update(flat, state, beta, keep)
     world, rank = _group_size_rank(dp_group)
     delta = torch.zeros_like(flat)
     if distributed and world > 1:
@@ -429,7 +473,7 @@ def muon_step_zero3(flat: torch.Tensor, matrices: list[Zero3Matrix], state: dict
         owners = assign_owners([i.full_shape(tp.size) for i in infos], world, steps)
         _owner_exchange(u, delta, infos, [m.offset for m in matrices], pieces, owners, dp_group, tp, steps, ns_dtype,
                         stats)
-        flat.mul_(1 - lr * wd).add_(delta, alpha=-lr)
+        apply_update_(flat, delta, lr, wd, keep)
         return
     for m in matrices:
         mine = u[m.offset:m.offset + m.chunk]
@@ -444,4 +488,4 @@ def muon_step_zero3(flat: torch.Tensor, matrices: list[Zero3Matrix], state: dict
         lo, hi = rank * m.chunk, min((rank + 1) * m.chunk, m.numel)  # padding past numel stays zero
         if hi > lo:
             delta[m.offset:m.offset + hi - lo] = o[lo:hi]
-    flat.mul_(1 - lr * wd).add_(delta, alpha=-lr)
+    apply_update_(flat, delta, lr, wd, keep)

@@ -155,9 +155,12 @@ class HybridOptimizer(torch.optim.Optimizer):
     its checkpoints are plain `state_dict`s. Muon runs per group with `pretrain.muon`. `skip_next_step`
     makes `step()` a no-op: the engine sets it for a step every rank agreed to skip (non-finite loss or
     gradients), so neither weights nor moments, momenta or Adam step counts move. `skip_flag` is the same veto
-    as a device tensor (1.0 = skip), read by no one on the host: it is fused AdamW's `found_inf`, whose kernel
-    leaves weights and moments alone and whose step count is put back on the device. Only an optimizer with
-    `masks_on_device` (fused AdamW, no Muon group) takes it; the engine reads the flag for the others.
+    as a device tensor (1.0 = skip), read by no one on the host: for AdamW groups it is fused AdamW's
+    `found_inf`, whose kernel leaves weights and moments alone and whose step count is put back on the
+    device; Muon groups run their whole step and choose on the device, per tensor, between the new and the
+    old weights and momenta (`pretrain.muon.momentum_update` / `apply_update_`: bit for bit the old ones on a
+    skip, bit for bit today's update otherwise). An optimizer takes it when it has `masks_on_device` (its
+    AdamW, if any, is fused); the engine reads the flag on the host for the others.
 
     The class name deliberately avoids 'muon' and the params carry no `use_muon`: DeepSpeed keys its own
     (shard-wise) Muon path on those.
@@ -189,7 +192,9 @@ class HybridOptimizer(torch.optim.Optimizer):
         self._adamw = torch.optim.AdamW(adam_groups, lr=0.0, betas=betas, eps=eps, weight_decay=0.0,
                                         fused=True if fused else None) if adam_groups else None
         # a skip can be applied on the device without the host reading the flag (see the class docstring)
-        self.masks_on_device = bool(fused) and self._adamw is not None and len(adam_groups) == len(self.param_groups)
+        self.masks_on_device = bool(fused) or self._adamw is None
+        # ZeRO 1/2 distributed Muon: each partition's fragment table, computed at the first step (pretrain.muon)
+        self._muon_plans: dict = {}
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: D102 - see the class docstring
@@ -198,7 +203,7 @@ class HybridOptimizer(torch.optim.Optimizer):
         if self.skip_next_step:
             return None
         if self.skip_flag is not None and not self.masks_on_device:
-            raise RuntimeError("skip_flag needs fused AdamW and no Muon group; read the flag and set skip_next_step")
+            raise RuntimeError("skip_flag needs fused AdamW; read the flag and set skip_next_step")
         # DeepSpeed may call step with a subset of groups (ZeRO 1/2: one at a time) or emptied lists (ZeRO 3)
         adam = [g for g in self.param_groups if g["kind"] == "adamw" and g["params"]]
         if adam:
@@ -232,16 +237,18 @@ class HybridOptimizer(torch.optim.Optimizer):
     def _muon_step(self, group: dict) -> None:
         lp_params, infos = self.matrices[group["name"]]
         params = group["params"]
+        keep = None if self.skip_flag is None else self.skip_flag.reshape(()) == 0  # on the device
         args = dict(lr=group["lr"], wd=group["weight_decay"], beta=group["momentum"], tp=self.tp,
                     steps=self.ns_steps, ns_dtype=self.ns_dtype, distributed=self.muon_distributed,
-                    stats=self.muon_stats)
+                    stats=self.muon_stats, keep=keep)
         if self.zero3_matrices:  # ZeRO-3 steps one sub-group's flat partition at a time
             for flat in params:
                 muon_step_zero3(flat, self.zero3_matrices[id(flat)], self.state, dp_group=self.dp_group, **args)
         elif len(params) == len(infos) and all(p.shape == i.local_shape for p, i in zip(params, infos, strict=True)):
             muon_step_shaped(params, infos, self.state, dp_group=self.dp_group, **args)
         elif len(params) == 1 and params[0].dim() == 1:
-            muon_step_flat(params[0], lp_params, infos, self.state, dp_group=self.dp_group, **args)
+            muon_step_flat(params[0], lp_params, infos, self.state, dp_group=self.dp_group, plans=self._muon_plans,
+                           **args)
         else:
             raise RuntimeError(f"Muon group {group['name']!r}: unexpected parameter layout "
                                f"{[tuple(p.shape) for p in params][:4]}")
@@ -249,9 +256,10 @@ class HybridOptimizer(torch.optim.Optimizer):
 
 def build_optimizer(model: torch.nn.Module, param_roles: Mapping[str, str], train_cfg: Any, *,
                     tp_group: dist.ProcessGroup | None = None, dp_group: dist.ProcessGroup | None = None,
-                    device: torch.device | None = None) -> HybridOptimizer:
-    """The optimizer for `train_cfg.optimizer` ("adamw": all AdamW; "muon": Muon on matrices + AdamW)."""
-    cuda = device is not None and device.type == "cuda"
+                    device: torch.device | None = None, fused: bool | None = None) -> HybridOptimizer:
+    """The optimizer for `train_cfg.optimizer` ("adamw": all AdamW; "muon": Muon on matrices + AdamW). AdamW is
+    torch's fused kernel on CUDA (`fused` None) or when `fused` is True (torch has a CPU one too)."""
+    cuda = (device is not None and device.type == "cuda") if fused is None else fused
     return HybridOptimizer(build_param_groups(model, param_roles, train_cfg),
                            betas=(train_cfg.beta1, train_cfg.beta2), eps=train_cfg.eps,
                            momentum=train_cfg.muon_momentum, fused=cuda, tp_group=tp_group, dp_group=dp_group,

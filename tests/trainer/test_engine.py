@@ -188,7 +188,7 @@ def _run_cases(tp: int, cases: list[dict], ckpt_root: str) -> dict:
         data = batches(1) * steps if case.get("same_batch") else batches(steps)
         cfg = _cfg(case, steps)
         try:
-            engine = build_engine(TPNet(w, tp, env.tp_rank), cfg, env, ROLES)
+            engine = build_engine(TPNet(w, tp, env.tp_rank), cfg, env, ROLES, device_skip=case.get("device_skip"))
         except UserError as err:
             results[case["name"]] = {"error": str(err)}
             continue
@@ -206,6 +206,7 @@ def _run_cases(tp: int, cases: list[dict], ckpt_root: str) -> dict:
             continue
         run = _train(engine, env, cfg, case, data)
         run["weights"] = _local_weights(engine, case["zero"])
+        run["device_skip"] = engine.device_skip
         results[case["name"]] = run
     return results
 
@@ -288,6 +289,10 @@ TP2_CASES = [
     # "flag": finite loss and grads, but one rank asks to skip (a loss spike); DeepSpeed alone would step
     dict(name="skip-flag-z2", opt="muon", zero=2, steps=4, nan_at=(1, 3), nan_kind="flag"),
     dict(name="skip-flag-adamw-z3", opt="adamw", zero=3, steps=4, nan_at=(1, 0), nan_kind="flag"),
+    # the same skips decided on the device (as on CUDA): fused AdamW's found_inf and Muon's masked update
+    dict(name="dskip-grad-z0", opt="muon", zero=0, steps=4, nan_at=(1, 3), nan_kind="grad", device_skip=True),
+    dict(name="dskip-loss-z1", opt="muon", zero=1, steps=4, nan_at=(1, 1), nan_kind="loss", device_skip=True),
+    dict(name="dskip-flag-z2", opt="muon", zero=2, steps=4, nan_at=(1, 3), nan_kind="flag", device_skip=True),
     dict(name="ckpt-z1", opt="muon", zero=1, steps=4, ckpt=True),
     dict(name="ckpt-z2", opt="muon", zero=2, steps=4, ckpt=True),
     *[dict(name=f"bf16-muon-z{z}", opt="muon", zero=z, dtype="bf16", steps=6, warmup=0, same_batch=True)
@@ -365,9 +370,11 @@ def test_grad_accumulation_2x2_equals_1x4(request, refs, results, name):
     assert max_weight_diff(assemble(res, name)[0], assemble(res, plain)[0]) < 1e-5
 
 
-@pytest.mark.parametrize("name", ["skip-loss-z1", "skip-grad-z2", "skip-grad-z0", "skip-flag-z2", "skip-flag-adamw-z3"])
+@pytest.mark.parametrize("name", ["skip-loss-z1", "skip-grad-z2", "skip-grad-z0", "skip-flag-z2", "skip-flag-adamw-z3",
+                                  "dskip-grad-z0", "dskip-loss-z1", "dskip-flag-z2"])
 def test_non_finite_or_vetoed_on_one_rank_skips_everywhere(tp2, name):
     opt = "adamw" if "adamw" in name else "muon"
+    assert tp2[0][name]["device_skip"] == name.startswith("dskip")  # the skip decided on the device, or read
     want = reference(opt, 4, skip=(1,))  # the skipped batch never happened; the lr schedule still advanced
     for r in tp2:
         run = r[name]

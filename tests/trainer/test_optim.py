@@ -214,6 +214,52 @@ def test_skip_next_step_leaves_weights_and_state_alone():
     assert not torch.equal(before["up.weight"], net.up.weight)
 
 
+def test_a_skip_decided_on_the_device_changes_nothing_and_an_applied_step_is_bit_exact():
+    """`skip_flag` (what the engine hands the optimizer on CUDA, no host read): fused AdamW's found_inf and Muon's
+    masked update. Flag 0 gives bit for bit the unflagged step; flag 1 with NaN gradients leaves weights,
+    moments, momenta and step counts bit for bit alone (run here with torch's CPU fused AdamW)."""
+    c = _cfg(optimizer="muon", lr=1e-2, muon_weight_decay=0.1, weight_decay=0.1)
+    torch.manual_seed(0)
+    net, ref = _Net(), _Net()
+    ref.load_state_dict(net.state_dict())
+    opt, ref_opt = build_optimizer(net, ROLES, c, fused=True), build_optimizer(ref, ROLES, c, fused=True)
+    assert opt.masks_on_device and not build_optimizer(_Net(), ROLES, c).masks_on_device
+
+    def flagged(value: float):
+        def step():
+            if value:
+                for p in net.parameters():
+                    if p.grad is not None:
+                        p.grad.fill_(float("nan"))
+            opt.skip_flag = torch.tensor(value)
+            try:
+                opt.step()
+            finally:
+                opt.skip_flag = None
+        return step
+
+    def snapshot(model, o):
+        return ({k: v.clone() for k, v in model.state_dict().items()},
+                [{k: v.clone() if torch.is_tensor(v) else v for k, v in o.state[p].items()} for p in model.parameters()
+                 if p in o.state])
+
+    def same(a, b):
+        (wa, sa), (wb, sb) = a, b
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+        assert len(sa) == len(sb) and all(torch.equal(torch.as_tensor(x[k]), torch.as_tensor(y[k]))
+                                          for x, y in zip(sa, sb, strict=True) for k in x)
+
+    _train(net, flagged(0.0), steps=2)
+    _train(ref, ref_opt.step, steps=2)
+    same(snapshot(net, opt), snapshot(ref, ref_opt))
+    before = snapshot(net, opt)
+    _train(net, flagged(1.0), steps=1, seed=7)
+    same(snapshot(net, opt), before)
+    _train(net, flagged(0.0), steps=1, seed=8)
+    _train(ref, ref_opt.step, steps=1, seed=8)
+    same(snapshot(net, opt), snapshot(ref, ref_opt))
+
+
 def test_newton_schulz_orthogonalises():
     from pretrain.muon import newton_schulz
 

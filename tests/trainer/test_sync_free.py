@@ -119,12 +119,12 @@ def test_late_reads_equal_reads_at_once_nan_skip_and_stop(smoke_data, tmp_path):
         assert rank["stop"] == {"rc": EXIT_REQUEUE, "step": 6, "checkpoints": [6]}
 
 
-def _count_syncs(data_flags: list[str], run_dir: str) -> dict:
+def _count_syncs(data_flags: list[str], run_dir: str, optimizer: str) -> dict:
     import warnings
 
     import torch
 
-    flags = data_flags + ["train.steps=8", "train.optimizer=adamw", "parallel.zero_stage=0", "logging.every=4",
+    flags = data_flags + ["train.steps=8", f"train.optimizer={optimizer}", "parallel.zero_stage=0", "logging.every=4",
                           "checkpoint.every=100", "eval.every=0", "eval.batches=1", "eval.loops=[1]",
                           "logging.diagnostics_every=0", "data.prefetch=2"]
     trainer, _ = _trainer(flags, run_dir, {5: float("nan")})  # step 6 (between logging steps) has a NaN loss
@@ -154,8 +154,9 @@ def _count_syncs(data_flags: list[str], run_dir: str) -> dict:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="counts CUDA host syncs")
-def test_no_host_sync_between_logging_steps_on_cuda(smoke_data, tmp_path):
-    (out,) = run_distributed(_count_syncs, 1, args=(smoke_data, str(tmp_path / "run")), timeout=300)
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_no_host_sync_between_logging_steps_on_cuda(smoke_data, tmp_path, optimizer):
+    (out,) = run_distributed(_count_syncs, 1, args=(smoke_data, str(tmp_path / "run"), optimizer), timeout=300)
     assert out["rc"] == 0 and out["device"].startswith("cuda")
     assert out["quiet"] == [3, 5, 6, 7] and out["skipped"] == 1  # the NaN step skipped on the device
     assert out["syncs"] == [], "\n".join(out["syncs"][:20])
