@@ -142,7 +142,8 @@ def plot_stability(data: dict, out: Path) -> list[Path]:
         for a in (axes[0][j], axes[1][j]):
             _auto_log(a)
             a.grid(alpha=0.3)
-            a.legend(fontsize=7)
+            if a.get_legend_handles_labels()[0]:  # nothing drawn (too few diagnostics steps): no empty legend
+                a.legend(fontsize=7)
     paths.append(_save(fig, out / "state_norm.png", plt))
 
     fig, axes = plt.subplots(1, len(variants), figsize=(4 * len(variants), 3.6), squeeze=False)

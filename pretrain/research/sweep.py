@@ -17,7 +17,8 @@ Design:
   different spec (other overrides, say) is refused in one line instead of being mixed into the report.
 - Ctrl-C or SIGTERM stops the sweep: nothing more starts, each running worker passes SIGTERM to its trainer, which
   checkpoints and exits 75 (no result is written), so the next invocation resumes it. A sweep killed with SIGKILL
-  leaves its runs going; they finish (or are resumed) and write their results as usual.
+  cannot pass anything on: its workers notice within a second that their parent is gone (`worker.watch_parent`)
+  and stop their trainers the same way.
 - Data is prepared once by the sweep (`prepare_data`) before any run starts, never per run.
 - Progress: one line per finished run with its wall time, the sweep's elapsed time and an ETA (the mean wall time of
   the runs done in this invocation x runs left / jobs).
@@ -225,7 +226,7 @@ def run_one(spec: RunSpec, paths: SweepPaths, threads: int, procs: dict) -> dict
     spec_path = paths.specs / f"{spec.name}.json"
     atomic_write_json(spec_path, spec.identity())
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
-               LOOPSTACK_RESEARCH_THREADS=str(threads))
+               LOOPSTACK_RESEARCH_THREADS=str(threads), LOOPSTACK_RESEARCH_PARENT=str(os.getpid()))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     cmd = [sys.executable, "-m", "pretrain.research.worker", str(spec_path), str(paths.out)]
     with open(paths.log(spec), "a") as log:

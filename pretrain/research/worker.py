@@ -7,6 +7,11 @@ diverged (a normal outcome of a stability sweep: recorded with the trainer's one
 75 (stopped by a signal after a checkpoint) -> no result, the next invocation resumes; anything else -> status
 failed with the log's last error line.
 
+A worker outlives a sweep killed with SIGKILL (nothing can pass that on), so it watches its parent
+(`watch_parent`): once a second it checks that the sweep that started it (`LOOPSTACK_RESEARCH_PARENT`) is still its
+parent, and when not it sends its trainer SIGTERM, which checkpoints and exits 75: no run keeps computing
+unattended, and the next invocation resumes it.
+
 Every result holds: the spec, status, reason, wall_s (train + eval, this attempt), the train command, the training
 curve and diagnostics read from metrics.jsonl (`training_record`), and the kind's own measurements.
 """
@@ -19,6 +24,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -29,6 +35,21 @@ from pretrain.research.sweep import EXIT_DIVERGED, EXIT_REQUEUE, ROOT, RunSpec, 
 def train_command(spec: RunSpec, run_dir: Path) -> list[str]:
     sets = [a for o in spec.overrides for a in ("--set", o)]
     return [sys.executable, "-m", "loopstack.cli", "train", spec.config, "--run-dir", str(run_dir), *sets]
+
+
+def watch_parent(parent: int, child: subprocess.Popen, period: float = 1.0) -> threading.Thread:
+    """Send `child` SIGTERM once this process's parent is no longer `parent` (it died and we were reparented);
+    returns the (daemon) watching thread, which ends when the child does."""
+    def watch() -> None:
+        while child.poll() is None:
+            if os.getppid() != parent:
+                child.send_signal(signal.SIGTERM)
+                return
+            time.sleep(period)
+
+    thread = threading.Thread(target=watch, name="watch-parent", daemon=True)
+    thread.start()
+    return thread
 
 
 def training_record(run_dir: Path) -> dict:
@@ -71,9 +92,15 @@ def main(argv: list[str]) -> int:
     started = time.perf_counter()
     cmd = train_command(spec, run_dir)
     print(f"train: {' '.join(cmd)}", flush=True)
+    parent = int(os.environ.get("LOOPSTACK_RESEARCH_PARENT", os.getppid()))
+    if os.getppid() != parent:  # the sweep died before this worker started: leave the run for the next invocation
+        print("train: the sweep that started this run is gone; the next invocation runs it", flush=True)
+        return EXIT_REQUEUE
     child = subprocess.Popen(cmd, cwd=os.getcwd(), env=dict(os.environ), stdout=sys.stdout, stderr=sys.stderr)
-    # the sweep stops a worker with SIGTERM: pass it on, so the trainer checkpoints and exits 75 (resumed next time)
+    # the sweep stops a worker with SIGTERM: pass it on, so the trainer checkpoints and exits 75 (resumed next time);
+    # a sweep killed outright (SIGKILL) is noticed by the parent watch, which does the same
     signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signal.SIGTERM))
+    watch_parent(parent, child)
     code = child.wait()
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     result: dict = {"spec": spec.identity(), "status": "ok", "reason": "", "train_exit": code,

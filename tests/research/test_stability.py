@@ -160,3 +160,44 @@ def test_the_documented_default_configs_load():
     for name in ("research-stability", "research-extrapolate"):
         cfg = load_config(ROOT / "configs" / f"{name}.yaml", [])
         assert cfg.model.n_prelude == 0 and cfg.model.n_coda == 0
+
+
+def _gone(pid: int) -> bool:
+    """No such process, or a zombie nobody reaped (an orphan in a container whose init does not reap)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_worker_stops_its_trainer_when_the_sweep_is_killed(tmp_path):
+    """Real processes: a stand-in sweep starts a worker (the worker's own `watch_parent`), which starts a trainer
+    stand-in that records SIGTERM as the trainer does (checkpoint, exit 75); the sweep gets SIGKILL."""
+    import signal
+    import time
+
+    flag = tmp_path / "terminated"
+    trainer = (f"import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: (open({str(flag)!r}, 'w')"
+               f".write('term'), sys.exit(75))); time.sleep(120)")
+    worker = ("import os, subprocess, sys; from pretrain.research.worker import watch_parent; "
+              f"child = subprocess.Popen([sys.executable, '-c', {trainer!r}]); print(child.pid, flush=True); "
+              "watch_parent(os.getppid(), child, period=0.1); sys.exit(child.wait())")
+    sweep = ("import subprocess, sys, time; w = subprocess.Popen([sys.executable, '-c', sys.argv[1]]); "
+             "print(w.pid, flush=True); time.sleep(120)")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-c", sweep, worker], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        worker_pid, trainer_pid = int(proc.stdout.readline()), int(proc.stdout.readline())
+        time.sleep(0.5)
+        assert not flag.exists() and not _gone(trainer_pid)  # the sweep is alive: the trainer runs on
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 15
+        while not (_gone(worker_pid) and _gone(trainer_pid)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert flag.read_text() == "term"  # SIGTERM, so the real trainer would checkpoint and exit 75
+        assert _gone(trainer_pid) and _gone(worker_pid)
+    finally:
+        proc.kill()
+        proc.wait()
