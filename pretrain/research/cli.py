@@ -16,7 +16,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Train every (variant, loops, seed) with one config (only model.variant, model.loops and seed "
                     "differ), resumable, in parallel; write OUT/results/*.json, OUT/plots/*.png and OUT/report.md. "
                     "See docs/research/stability.md.")
-    add_common_flags(st, "configs/research-stability.yaml", "lt,flt", "2,4,8", "runs/research/stability",
+    add_common_flags(st, "configs/research-stability.yaml", "lt,lt_i,flt_res,flt,recall,huginn,parcae", "3,6,12",
+                     "runs/research/stability",
                      default_seeds=2)
     st.set_defaults(func=_stability)
 
