@@ -271,6 +271,8 @@ def test_a_byte_flipped_in_place_is_caught_by_the_checksum(smoke_data, tmp_path)
         assert _sizes(ckpts / "8")[name] == damaged.stat().st_size
         bad = run_train(1, run, flags + ["train.steps=9"], "--resume", str(ckpts / "8"), expect=2)
         assert f"{damaged}: content differs from the sha256 COMPLETE recorded" in _error_line(bad.stderr)
+        if name == "trainer_state_rank0.pt":  # the eval refusal and the auto resume: once (DeepSpeed's file) is enough
+            continue
         bad = _eval(run, smoke_data, "--checkpoint", str(ckpts / "8"), expect=2)
         assert f"{damaged}: content differs" in _error_line(bad.stderr)
         out = run_train(2, run, flags)  # auto: passes over step 8, resumes from 4, re-saves 8

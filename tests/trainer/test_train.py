@@ -173,12 +173,14 @@ def test_resume_is_exact_with_random_state_and_sampled_depth(smoke_data, tmp_pat
 def test_resume_on_a_different_data_parallel_size(smoke_data, tmp_path):
     """A DP=2 checkpoint resumes on DP=1 and says what changes. ZeRO-0 state is whole; ZeRO-1 and ZeRO-3 state
     is re-partitioned from the whole tensors saved with the checkpoint: after the resize all continue with the
-    same losses (AdamW moments and Muon momentum restored, not restarted), within fp32 tolerance."""
+    same losses (AdamW moments and Muon momentum restored, not restarted), within fp32 tolerance. (Every ZeRO stage x
+    optimizer x dtype repartitions bit for bit at the engine level in test_elastic.py; here the trainer's path, with
+    ZeRO-3 for AdamW and ZeRO-1 for Muon against ZeRO-0.)"""
     flags = smoke_data + ["train.steps=4", "checkpoint.every=2", "logging.every=1", "eval.batches=1",
                           "eval.loops=[1]", "train.warmup_steps=0", "train.schedule=constant"]
-    for opt in ("adamw", "muon"):
+    for opt, stages in (("adamw", (0, 3)), ("muon", (0, 1))):
         got = {}
-        for zero in (0, 1, 3):
+        for zero in stages:
             run = tmp_path / f"{opt}-z{zero}"
             run_train(2, run, flags + [f"parallel.zero_stage={zero}", f"train.optimizer={opt}"])
             if zero == 0 and opt == "adamw":  # ZeRO-0 <-> ZeRO 1-3 does not convert: one line, nothing written
