@@ -10,6 +10,7 @@ argparse at import time: the work modules are imported inside the handlers.
     loopstack data verify data/shards
     loopstack data inspect data/shards
     loopstack data synth --task khop --out data/khop --train-depth 4 --eval-depth 8
+    loopstack data synth --task chain --out data/chain --train-depth 4 --eval-depth 12
 """
 
 from __future__ import annotations
@@ -73,14 +74,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="which documents are sampled")
     p.set_defaults(func=_inspect)
 
-    p = dsub.add_parser("synth", help="synthetic reasoning tasks (k-hop, prefix sums, parity) as shards")
-    p.add_argument("--task", required=True, choices=["khop", "prefix_sum", "parity"])
+    p = dsub.add_parser("synth", help="synthetic reasoning tasks (k-hop, prefix sums, parity, pointer chains) "
+                                      "as shards")
+    p.add_argument("--task", required=True, choices=["khop", "prefix_sum", "parity", "chain"])
     p.add_argument("--out", required=True, help="writes OUT/tokenizer, OUT/train, OUT/eval")
     p.add_argument("--train-depth", type=int, default=4, help="train on depths 1..D")
     p.add_argument("--eval-depth", type=int, default=8, help="eval on depths D+1..this")
     p.add_argument("--train-docs", type=int, default=20000)
     p.add_argument("--eval-docs", type=int, default=500, help="documents per eval depth")
-    p.add_argument("--size", type=int, default=0, help="khop: letters (16); prefix_sum: digits (16)")
+    p.add_argument("--size", type=int, default=0,
+                   help="khop: letters (16); prefix_sum: digits (16); chain: letters (eval depth + 9, at most 26; "
+                        "allowed eval depth + 5 .. 26)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_synth)
 

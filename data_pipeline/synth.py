@@ -8,6 +8,21 @@ problem, its answer last:
                                    letter, hop count k = depth, answer f^k(start)
     prefix_sum  `31415926;5=4`     `size` digits, query j = depth, answer sum of the first j mod 10
     parity      `10110=1`          depth bits, answer their parity (length generalisation)
+    chain       `ca,fd,bf,ge,eh;b=d`  `size` letters as 3 disjoint pointer chains (xy: x points to y): the
+                                   query chain of depth edges (b-f-d) and two distractors of >= 2 letters
+                                   (c-a, g-e-h); all edges in random order, then the query chain's start,
+                                   answer its last letter
+
+chain exists because khop and prefix_sum name the difficulty in the query (`a3=`, `;5=`), so their held-out
+depths carry numbers never seen there in training (and `10`.. as two digits), and parity's difficulty is its
+length: none of them asks for more steps with nothing else new. A chain document always has `size - 3` edges,
+the same letters and the same length at every depth; only the number of pointers to follow from the start
+letter grows. The default size is eval_depth + 9, at most 26 (the deepest query chain plus two distractor chains
+of 8 letters together), so all depths of one `data synth` call share one size; at least eval_depth + 5 (two
+distractor chains of two letters). A model that only learned to answer with some chain's end (a letter that points
+nowhere) is right 1 time in 3. Caveat: at the deepest depth a size allows (size - 5) both distractors are single
+edges, so the answer is also "the one end whose chain has two or more edges", two look-ups back from each end; the
+default size keeps the distractors longer than that wherever 26 letters allow (eval depths up to 17).
 
 All tasks share one character-level sentencepiece tokenizer over `a-z 0-9 , ; =` (a fixed vocabulary
 of 43 ids, ids 0-3 the usual pad/bos/eos/unk), so its sha256 is fixed and tasks can be mixed.
@@ -35,7 +50,7 @@ from loopstack.errors import UserError
 from loopstack.fileio import atomic_write_json
 
 ALPHABET = string.ascii_lowercase + string.digits + ",;="
-TASKS = ("khop", "prefix_sum", "parity")
+TASKS = ("khop", "prefix_sum", "parity", "chain")  # append only: the index seeds each task's generator
 
 
 def synth_tokenizer() -> bytes:
@@ -66,7 +81,21 @@ def _parity(rng: np.random.Generator, depth: int, size: int) -> str:
     return f"{''.join(map(str, bits))}={int(bits.sum()) % 2}"
 
 
-GENERATORS = {"khop": _khop, "prefix_sum": _prefix_sum, "parity": _parity}
+def _chain(rng: np.random.Generator, depth: int, size: int) -> str:
+    """Letters a.. of `size` in random order, cut into the query chain (depth + 1 letters) and two distractor chains
+    (the rest, cut at a random point, >= 2 letters each); every edge once, shuffled; answer the query chain's end."""
+    if not 1 <= depth <= size - 5:
+        raise UserError(f"chain depth {depth} with {size} letters: needs 1 <= depth <= size - 5")
+    letters = np.array(list(string.ascii_lowercase[:size]))[rng.permutation(size)]
+    rest = size - depth - 1
+    cut = depth + 1 + int(rng.integers(2, rest - 1))  # distractors: rest letters as 2..rest-2 and the remainder
+    chains = (letters[:depth + 1], letters[depth + 1:cut], letters[cut:])
+    edges = [c[i] + c[i + 1] for c in chains for i in range(len(c) - 1)]
+    pairs = ",".join(edges[i] for i in rng.permutation(len(edges)))
+    return f"{pairs};{chains[0][0]}={chains[0][-1]}"
+
+
+GENERATORS = {"khop": _khop, "prefix_sum": _prefix_sum, "parity": _parity, "chain": _chain}
 
 
 def generate(task: str, depth: int, n: int, *, seed: int, split: str, size: int) -> list[str]:
@@ -91,8 +120,18 @@ def problems(task: str, depth: int, n: int, *, seed: int, size: int, split: str 
 
 def task_size(task: str, size: int, eval_depth: int) -> int:
     """The problem size `synthesize` uses for `--size` (0 = default): khop letters (16, 2..26), prefix_sum
-    digits (16, at least `eval_depth`), parity none (depth is the length)."""
-    if task == "khop":
+    digits (16, at least `eval_depth`), chain letters (eval_depth + 9 at most 26; eval_depth + 5 to 26 allowed:
+    every depth up to eval_depth fits the one size), parity none (depth is the length)."""
+    if task == "chain":
+        least = eval_depth + 5
+        if not size and least > 26:
+            raise UserError(f"--eval-depth {eval_depth}: chain needs depth + 5 <= 26 letters: at most 21")
+        size = size or min(26, eval_depth + 9)  # >= 8 distractor letters at the deepest depth, when 26 allow it
+        if not least <= size <= 26:
+            raise UserError(f"--size {size}: chain needs {least}..26 letters"
+                            + (f" for --eval-depth {eval_depth}" if eval_depth else "")
+                            + " (the query chain's depth + 1 and two distractor chains of at least 2 letters)")
+    elif task == "khop":
         size = size or 16
         if not 2 <= size <= 26:
             raise UserError(f"--size {size}: khop needs 2..26 letters")

@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--batches", type=int, default=0,
                     help="eval batches per loop count (default: config's); with --task: batches of task.batch_size "
                          "problems per depth")
-    ev.add_argument("--task", choices=("khop", "prefix_sum", "parity"), default=None,
+    ev.add_argument("--task", choices=("khop", "prefix_sum", "parity", "chain"), default=None,
                     help="answer accuracy on a synthetic depth task by difficulty, inside and beyond the trained "
                          "depth (instead of the held-out loss)")
     ev.add_argument("--exit-threshold", default="", metavar="Q[,Q...]",

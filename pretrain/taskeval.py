@@ -1,4 +1,4 @@
-"""Answer accuracy on a synthetic depth task by difficulty: `loopstack eval RUN --task khop|prefix_sum|parity`.
+"""Answer accuracy on a synthetic depth task by difficulty: `loopstack eval RUN --task khop|prefix_sum|parity|chain`.
 
 A looped model trained on `loopstack data synth --task T` (depths 1..train_depth) should answer deeper problems when
 given more loops. This eval measures it directly, as the fraction of problems answered correctly, per difficulty
@@ -7,10 +7,11 @@ given more loops. This eval measures it directly, as the fraction of problems an
 - Problems: `data_pipeline.synth.problems` (the generators `data synth` writes with), `n` per depth, seeded by the
   data's synth seed and the eval split, so the depths beyond the trained range are exactly the problems `data
   synth` held out (for depths within it the eval split's draws are not the training documents, though short
-  parity problems repeat by necessity). Problem size (khop letters, prefix_sum digits) is the data's.
+  parity problems repeat by necessity). Problem size (khop / chain letters, prefix_sum digits) is the data's.
 - Trained depth: read from the run's training data manifests (`data.train`, settings of `data synth`: task, split,
   depths, size, seed), else given with `--set task.train_depth=N` (a run trained on another task or on mixed
-  data). Depths evaluated: 1..2 x train_depth by default (`task.max_depth`; prefix_sum at most its `size` digits).
+  data). Depths evaluated: 1..2 x train_depth by default (`task.max_depth`; prefix_sum at most its `size` digits,
+  chain at most `size` - 5).
 - Accuracy: the model reads the problem up to and including `=` (preceded by an EOS, as every packed training
   document follows the previous one's EOS; no EOS when the run used document masking, where a document never
   saw it) and its answer is the greedy continuation. A problem counts when the argmax at every answer position
@@ -54,7 +55,7 @@ class TaskEvalConfig:
     max_depth: int = param(0, min=0, help="deepest difficulty evaluated (0: 2 x train_depth)")
     batch_size: int = param(100, min=1, help="problems per forward pass (--batches of them per depth)")
     seed: int = param(-1, help="problem seed (-1: the data's synth seed, else 0)")
-    size: int = param(0, min=0, help="khop letters / prefix_sum digits (0: the data's, else synth's default)")
+    size: int = param(0, min=0, help="khop / chain letters, prefix_sum digits (0: the data's, else synth's default)")
     dtype: str = param("", help="fp32 or bf16 (default: the run's train.dtype)")
 
 
@@ -241,12 +242,15 @@ def resolve_depths(task: str, settings: TaskEvalConfig, data: TaskData,
     try:  # unknown: what `data synth` would have used for depths up to max_depth
         size = task_size(task, known, 0 if known else max_depth)
     except UserError as err:
-        raise UserError(f"--set task.size={known}: {str(err).split(': ', 1)[-1]}") from None
-    if task == "prefix_sum" and max_depth > size:
+        flag = f"task.size={known}" if known else f"task.max_depth={max_depth}"
+        raise UserError(f"--set {flag}: {str(err).split(': ', 1)[-1]}") from None
+    deepest = {"prefix_sum": size, "chain": size - 5}.get(task)  # the deepest problem of that size
+    if deepest is not None and max_depth > deepest:
         if settings.max_depth:
-            raise UserError(f"--set task.max_depth={max_depth}: prefix_sum problems have {size} digits (the data's "
-                            f"size): at most {size}")
-        max_depth = size
+            what = f"{size} digits" if task == "prefix_sum" else f"{size} letters (query chain depth + 5)"
+            raise UserError(f"--set task.max_depth={max_depth}: {task} problems have {what} (the data's size): at "
+                            f"most {deepest}")
+        max_depth = deepest
     seed = settings.seed if settings.seed >= 0 else (data.seed if data.seed is not None else 0)
     return train_depth, list(range(1, max_depth + 1)), size, seed
 
@@ -254,8 +258,9 @@ def resolve_depths(task: str, settings: TaskEvalConfig, data: TaskData,
 # --- outputs ----------------------------------------------------------------------------------------------------
 
 def chance(task: str, size: int) -> float:
-    """Accuracy of guessing uniformly among the possible answers."""
-    return {"khop": 1 / max(size, 1), "prefix_sum": 0.1, "parity": 0.5}[task]
+    """Accuracy of guessing uniformly among the possible answers (chain: among the 3 chains' ends, the score of a
+    model that knows an answer ends a chain but does not follow the pointers)."""
+    return {"khop": 1 / max(size, 1), "prefix_sum": 0.1, "parity": 0.5, "chain": 1 / 3}[task]
 
 
 def write_task_eval(run_dir: Path, record: dict) -> Path:

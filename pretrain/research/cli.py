@@ -28,7 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "docs/research/extrapolation.md.")
     add_common_flags(ex, "configs/research-extrapolate.yaml", "looped,recall,recall_internal,flt", "4",
                      "runs/research/extrapolate")
-    ex.add_argument("--task", choices=("prefix_sum", "parity", "khop"), default="parity", help="default parity")
+    ex.add_argument("--task", choices=("prefix_sum", "parity", "khop", "chain"), default="parity",
+                    help="default parity; chain is the one whose harder problems use the same tokens and length")
     ex.add_argument("--train-depth", type=int, default=4, help="deepest trained difficulty d (default 4)")
     ex.add_argument("--max-depth", type=int, default=0, help="deepest evaluated difficulty (default 3 x d)")
     ex.add_argument("--train-docs", type=int, default=20000, help="training problems written (default 20000)")

@@ -201,3 +201,24 @@ def test_trained_depth_from_flags_and_bad_settings(group, tmp_path, capsys):
     assert record["depths"] == [1, 2, 3, 4, 5] and record["size"] == 16 and record["n"] == 8
     assert record["chance"] == 0.1 and record["loops"] == [1, 2]
     assert "1..5 (trained 1..2)" in capsys.readouterr().out
+
+
+def test_chain_depths_follow_the_datas_size():
+    """chain: the data's size bounds (its depth + 5 letters at most) the depths evaluated; unknown, synth's default is
+    used for the depths asked; chance is 1/3 (the end of one of the three chains)."""
+    from loopstack.errors import UserError
+    from pretrain.taskeval import TaskData, chance, parse_task_settings, resolve_depths
+
+    def resolve(data: TaskData, *sets: str):
+        return resolve_depths("chain", parse_task_settings(sets), data, Path("run"))
+
+    assert resolve(TaskData(4, 17, 2)) == (4, list(range(1, 9)), 17, 2)  # data synth --eval-depth 12
+    assert resolve(TaskData(4, 11, 0))[1] == list(range(1, 7))  # 2 x 4 = 8 > 11 - 5: clipped to 6
+    with pytest.raises(UserError, match=r"^--set task.max_depth=8: chain problems have 11 letters.*at most 6$"):
+        resolve(TaskData(4, 11, 0), "task.max_depth=8")
+    assert resolve(TaskData(None, None, None), "task.train_depth=3")[1:3] == (list(range(1, 7)), 15)
+    with pytest.raises(UserError, match=r"^--set task.max_depth=30: chain needs .* at most 21$"):
+        resolve(TaskData(None, None, None), "task.train_depth=3", "task.max_depth=30")
+    with pytest.raises(UserError, match=r"^--set task.size=27: chain needs 5..26 letters"):
+        resolve(TaskData(4, 17, 0), "task.size=27")
+    assert chance("chain", 17) == 1 / 3
