@@ -259,10 +259,11 @@ def build_optimizer(model: torch.nn.Module, param_roles: Mapping[str, str], trai
                     device: torch.device | None = None, fused: bool | None = None) -> HybridOptimizer:
     """The optimizer for `train_cfg.optimizer` ("adamw": all AdamW; "muon": Muon on matrices + AdamW). AdamW is
     torch's fused kernel on CUDA (`fused` None) or when `fused` is True (torch has a CPU one too)."""
-    cuda = (device is not None and device.type == "cuda") if fused is None else fused
+    if fused is None:
+        fused = device is not None and device.type == "cuda"
     return HybridOptimizer(build_param_groups(model, param_roles, train_cfg),
                            betas=(train_cfg.beta1, train_cfg.beta2), eps=train_cfg.eps,
-                           momentum=train_cfg.muon_momentum, fused=cuda, tp_group=tp_group, dp_group=dp_group,
+                           momentum=train_cfg.muon_momentum, fused=fused, tp_group=tp_group, dp_group=dp_group,
                            ns_dtype=ns_dtype(train_cfg, device), muon_distributed=train_cfg.muon_distributed)
 
 
