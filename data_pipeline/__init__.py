@@ -7,7 +7,11 @@
     encode.py     what a prepare worker does with one unit (read, encode, write shard + receipt)
     prepare.py    parallel, deterministic, resumable tokenization; SLURM slices + merge; ensure_dataset
     loader.py     PackedDataset: packed, mixed, shuffled, DP-split, resumable (numpy only)
-    synth.py      synthetic reasoning tasks (k-hop, prefix sums, parity) with a depth split
+    synth.py      synthetic reasoning tasks (k-hop, prefix sums, parity, pointer chains) with a depth split
     report.py     `data inspect`
     cli.py        `loopstack data ...`
 """
+
+# The tasks of `data_pipeline.synth`, here so the CLIs can offer them without importing the work modules.
+# Append only: a task's index in this tuple seeds its generator (synth.generate).
+SYNTH_TASKS = ("khop", "prefix_sum", "parity", "chain")

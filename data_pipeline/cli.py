@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 
+from data_pipeline import SYNTH_TASKS
 from loopstack.commands import add_set_flag
 
 
@@ -76,7 +77,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = dsub.add_parser("synth", help="synthetic reasoning tasks (k-hop, prefix sums, parity, pointer chains) "
                                       "as shards")
-    p.add_argument("--task", required=True, choices=["khop", "prefix_sum", "parity", "chain"])
+    p.add_argument("--task", required=True, choices=SYNTH_TASKS)
     p.add_argument("--out", required=True, help="writes OUT/tokenizer, OUT/train, OUT/eval")
     p.add_argument("--train-depth", type=int, default=4, help="train on depths 1..D")
     p.add_argument("--eval-depth", type=int, default=8, help="eval on depths D+1..this")

@@ -42,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data_pipeline import SYNTH_TASKS
 from data_pipeline.encode import encode_documents
 from data_pipeline.prepare import build_manifest
 from data_pipeline.shards import FORMAT, MANIFEST, ShardWriter, manifest_sha, write_stamp
@@ -50,7 +51,7 @@ from loopstack.errors import UserError
 from loopstack.fileio import atomic_write_json
 
 ALPHABET = string.ascii_lowercase + string.digits + ",;="
-TASKS = ("khop", "prefix_sum", "parity", "chain")  # append only: the index seeds each task's generator
+TASKS = SYNTH_TASKS  # append only: the index seeds each task's generator
 
 
 def synth_tokenizer() -> bytes:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from data_pipeline import SYNTH_TASKS
 from loopstack.commands import add_set_flag, parse_loop_list
 
 
@@ -27,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--batches", type=int, default=0,
                     help="eval batches per loop count (default: config's); with --task: batches of task.batch_size "
                          "problems per depth")
-    ev.add_argument("--task", choices=("khop", "prefix_sum", "parity", "chain"), default=None,
+    ev.add_argument("--task", choices=SYNTH_TASKS, default=None,
                     help="answer accuracy on a synthetic depth task by difficulty, inside and beyond the trained "
                          "depth (instead of the held-out loss)")
     ev.add_argument("--exit-threshold", default="", metavar="Q[,Q...]",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from data_pipeline import SYNTH_TASKS
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     from pretrain.research.common import add_common_flags
@@ -28,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "docs/research/extrapolation.md.")
     add_common_flags(ex, "configs/research-extrapolate.yaml", "looped,recall,recall_internal,flt", "4",
                      "runs/research/extrapolate")
-    ex.add_argument("--task", choices=("prefix_sum", "parity", "khop", "chain"), default="parity",
+    ex.add_argument("--task", choices=SYNTH_TASKS, default="parity",
                     help="default parity; chain is the one whose harder problems use the same tokens and length")
     ex.add_argument("--train-depth", type=int, default=4, help="deepest trained difficulty d (default 4)")
     ex.add_argument("--max-depth", type=int, default=0, help="deepest evaluated difficulty (default 3 x d)")
