@@ -418,13 +418,11 @@ def muon_step_flat(flat: torch.Tensor, lp_params: list[torch.Tensor], infos: lis
     groups = [getattr(lp, "_dp_group", None) or dp_group for lp in lp_params]
     world, rank = _group_size_rank(groups[0] if groups else dp_group)
     if distributed and world > 1 and all(g is groups[0] for g in groups):
+        plans = {} if plans is None else plans
         key = (id(flat), flat.numel(), tuple(id(lp) for lp in lp_params))
-        plan = plans.get(key) if plans is not None else None
-        if plan is None:
-            plan = _flat_plan(flat, lp_params, infos, groups[0], world, tp, steps, stats)
-            if plans is not None:
-                plans[key] = plan
-        pieces, owners, local_at = plan
+        if key not in plans:
+            plans[key] = _flat_plan(flat, lp_params, infos, groups[0], world, tp, steps, stats)
+        pieces, owners, local_at = plans[key]
         _owner_exchange(u, delta, infos, local_at, pieces, owners, groups[0], tp, steps, ns_dtype, stats)
         apply_update_(flat, delta, lr, wd, keep)
         return
